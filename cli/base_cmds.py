@@ -1,0 +1,204 @@
+"""`adaptory base …` (make and list base models) and `adaptory doctor`."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from adaptory.cli.main import App, pass_app
+
+
+@click.group("base")
+def base_group() -> None:
+    """Make and list base models (built-in, or built from scratch here, offline)."""
+
+
+def _target(app: App, name: str, out: Path | None) -> Path:
+    from adaptory.adapters.base import bases_dir, check_base_name
+
+    check_base_name(name)
+    return out if out is not None else bases_dir(app.home) / name
+
+
+def _refuse_existing(target: Path, force: bool) -> None:
+    from adaptory.registry.errors import ConfigError
+
+    if target.exists() and not force:
+        raise ConfigError(
+            f"{target} already exists", hint="pass --force to replace it, or choose another name"
+        )
+
+
+@base_group.command("init")
+@click.argument("name")
+@click.option("--arch", type=click.Choice(["llama"]), default="llama", show_default=True)
+@click.option(
+    "--size", type=click.Choice(["tiny", "small", "base"]), default="tiny", show_default=True
+)
+@click.option(
+    "--corpus",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    multiple=True,
+    help="Text file(s) to train the tokenizer on. Default: the corpus shipped with Adaptory.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Save here instead of HOME/bases/NAME.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing base of that name.")
+@pass_app
+def base_init(app: App, name, arch, size, corpus, seed, out, force) -> None:
+    """Build an untrained Llama-style base NAME with a tokenizer trained on local text."""
+    from adaptory.adapters.tinybase import init_base
+
+    target = _target(app, name, out)
+    _refuse_existing(target, force)
+    with app.err.status(f"building {arch} {size} base '{name}'"):
+        _, _, info = init_base(target, arch=arch, size=size, corpus=list(corpus) or None, seed=seed)
+    app.out.print(
+        f"[green]made[/] base [bold]{name}[/] ({info['params']:,} params, "
+        f"vocab {info['vocab_size']}) at {target}"
+    )
+    app.out.print(f"use it with: adaptory train --base {target if out else name} …")
+
+
+@base_group.command("pretrain")
+@click.argument("name")
+@click.option(
+    "--corpus",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    multiple=True,
+    help="Text file(s) to pretrain on (and train the tokenizer on). Default: the shipped corpus.",
+)
+@click.option(
+    "--size", type=click.Choice(["tiny", "small", "base"]), default="small", show_default=True
+)
+@click.option("--steps", type=click.IntRange(1), default=600, show_default=True)
+@click.option("--seq-len", type=click.IntRange(8), default=128, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace an existing base of that name.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_app
+def base_pretrain(
+    app: App, name, corpus, size, steps, seq_len, batch_size, lr, seed, out, force, as_json
+) -> None:
+    """Pretrain a small Llama-style base NAME from scratch on local text (no network)."""
+    from adaptory.adapters.pretrain import pretrain_base
+
+    target = _target(app, name, out)
+    _refuse_existing(target, force)
+    result = pretrain_base(
+        target,
+        corpus=list(corpus) or None,
+        size=size,
+        steps=steps,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        show_progress=not as_json,
+    )
+    if as_json:
+        app.out.print_json(json.dumps(result))
+        return
+    app.out.print(
+        f"[green]pretrained[/] base [bold]{name}[/] ({result['params']:,} params) at {target}: "
+        f"loss {result['first_loss']:.2f} → {result['final_loss']:.2f} "
+        f"in {result['wall_time_s']:.0f}s"
+    )
+
+
+@base_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@pass_app
+def base_list(app: App, as_json: bool) -> None:
+    """List the built-in bases and those made under HOME/bases."""
+    from adaptory.adapters.base import list_bases
+
+    rows = list_bases(app.home)
+    if as_json:
+        app.out.print_json(json.dumps(rows))
+        return
+    table = Table("name", "kind", "task", "params", "description")
+    for row in rows:
+        params = f"{row['params']:,}" if row.get("params") else ""
+        table.add_row(row["name"], row["kind"], row["task"], params, row.get("description", ""))
+    app.out.print(table)
+
+
+def doctor_report(home: Path) -> dict:
+    """What this machine can do: versions, CUDA, whether 4-bit really runs, where the home is."""
+    import importlib.metadata as md
+
+    report: dict = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            report[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            report[pkg] = None
+    import torch
+
+    report["cuda"] = torch.cuda.is_available()
+    report["cuda_devices"] = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if report["cuda"]
+        else []
+    )
+    report["four_bit"] = _four_bit_works()
+    report["home"] = str(home)
+    report["home_writable"] = _writable(home)
+    from adaptory.adapters.base import BUILTIN_BASES
+
+    minilm = BUILTIN_BASES["minilm"].locate()
+    report["minilm"] = str(minilm) if minilm else None
+    return report
+
+
+def _four_bit_works() -> str:
+    try:
+        from adaptory.adapters.base import default_device, quiet_transformers
+
+        quiet_transformers()  # before bitsandbytes is imported: it warns at import time
+        import bitsandbytes as bnb
+        import torch
+
+        device = default_device()
+        layer = bnb.nn.Linear4bit(64, 64, quant_type="nf4", compute_dtype=torch.float32)
+        layer = layer.to(device)
+        out = layer(torch.ones(1, 64, device=device))
+        return f"yes ({device})" if torch.isfinite(out).all() else "no (non-finite output)"
+    except Exception as exc:  # report, don't crash: this is the diagnostic command
+        return f"no ({type(exc).__name__}: {exc})"
+
+
+def _writable(home: Path) -> bool:
+    probe = home if home.exists() else home.parent
+    while not probe.exists():
+        probe = probe.parent
+    import os
+
+    return os.access(probe, os.W_OK)
+
+
+@click.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@pass_app
+def doctor_cmd(app: App, as_json: bool) -> None:
+    """Versions, CUDA, whether 4-bit quantization works here, and where the home is."""
+    report = doctor_report(app.home)
+    if as_json:
+        app.out.print_json(json.dumps(report))
+        return
+    table = Table("check", "value", show_header=False)
+    for key, value in report.items():
+        table.add_row(key, str(value))
+    app.out.print(table)
