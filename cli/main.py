@@ -144,5 +144,7 @@ def main() -> None:
     cli(prog_name="adaptory")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m adaptory.cli.main`: use the real module, not __main__
+    from adaptory.cli.main import main as _main
+
+    _main()

@@ -1,0 +1,216 @@
+"""Many LoRA adapters applied to one base in a single forward pass, each row with its own.
+
+The idea behind Punica's SGMV and S-LoRA, in plain torch: every adapted Linear keeps the A and B
+matrices of all resident adapters stacked in two tensors, and a batch gathers each row's pair and
+applies them with batched matrix products, instead of PEFT's loop over the adapters in the batch
+(one indexing, two small matmuls and a scatter per adapter per layer).
+
+A forward hook on each adapted base module adds ``scale · B_row(A_row(x_row))`` to its output.
+Slot 0 of every stack is zero: rows for the plain base (or for prefix adapters, which change the
+attention cache rather than the weights) use it. The bank holds the only copy of each adapter's
+tensors, so its memory is the adapters' raw size plus the rank padding of mixed ranks.
+
+The bank reads adapters straight from PEFT's safetensors layout; the base model itself is never
+wrapped by PEFT. DoRA, rank/alpha patterns and non-Linear targets are refused (they are not
+a plain B·A update), so callers can fall back to PEFT for those.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from adaptory.registry.errors import ConfigError
+
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$"
+)
+
+
+@dataclass
+class _Stack:
+    """All adapters' A (slots, r, d_in) and scaled B (slots, d_out, r) for one module."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+def lora_scaling(config: dict) -> float:
+    rank, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def check_bankable(config: dict) -> None:
+    """Refuse LoRA variants whose update is not a plain scaled B·A (caller falls back to PEFT)."""
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ConfigError(f"not a LoRA adapter: {config.get('peft_type')}")
+    for key in ("use_dora", "rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise ConfigError(f"LoRA with {key} is served by PEFT, not the batched path")
+
+
+def split_state_dict(
+    state: dict[str, torch.Tensor],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """PEFT's adapter_model keys -> {module path: (A, B)}; other keys (heads) are ignored."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        match = _KEY.match(key)
+        if match:
+            pairs.setdefault(match["module"], {})[match["ab"]] = tensor
+    missing = [m for m, ab in pairs.items() if set(ab) != {"A", "B"}]
+    if missing:
+        raise ConfigError(f"adapter has lora_A without lora_B (or the reverse) for {missing[0]}")
+    return {module: (ab["A"], ab["B"]) for module, ab in pairs.items()}
+
+
+class LoraBank:
+    """Resident LoRA adapters for one base model, applied per row by forward hooks."""
+
+    def __init__(self, model: nn.Module, *, dtype: torch.dtype | None = None) -> None:
+        self.model = model
+        self.dtype = dtype
+        self.slots: dict[str, int] = {}  # adapter name -> slot (>= 1)
+        self._free: list[int] = []
+        self._capacity = 1  # slot 0 is the zero adapter
+        self._stacks: dict[str, _Stack] = {}
+        self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._rows: torch.Tensor | None = None  # slot per batch row while a batch runs
+        self._all_base = True
+        self._modules = dict(model.named_modules())
+
+    # --- adapters -------------------------------------------------------------------------------
+
+    def add(self, name: str, state: dict[str, torch.Tensor], config: dict) -> int:
+        """Put an adapter's tensors into a free slot; returns the slot."""
+        check_bankable(config)
+        if name in self.slots:
+            raise ConfigError(f"adapter '{name}' is already in the bank")
+        pairs = split_state_dict(state)
+        if not pairs:
+            raise ConfigError(f"adapter '{name}' has no LoRA weights")
+        targets = {path: self._target(path) for path in pairs}
+        slot = self._free.pop() if self._free else self._grow()
+        scale = lora_scaling(config)
+        for path, (a, b) in pairs.items():
+            stack = self._stack_for(path, targets[path], rank=a.shape[0])
+            r = a.shape[0]
+            stack.a[slot].zero_()
+            stack.b[slot].zero_()
+            stack.a[slot, :r] = a.to(stack.a.dtype)
+            stack.b[slot, :, :r] = (b.float() * scale).to(stack.b.dtype)
+        self.slots[name] = slot
+        return slot
+
+    def remove(self, name: str) -> None:
+        """Free an adapter's slot (zeroed, reused by the next add)."""
+        slot = self.slots.pop(name)
+        for stack in self._stacks.values():
+            stack.a[slot].zero_()
+            stack.b[slot].zero_()
+        self._free.append(slot)
+
+    def nbytes(self) -> int:
+        return sum(s.a.nbytes + s.b.nbytes for s in self._stacks.values())
+
+    # --- running a batch ------------------------------------------------------------------------
+
+    @contextmanager
+    def rows(self, adapters: list[str | None]):
+        """Within this block, forward passes apply adapter ``adapters[i]`` to batch row i
+        (None: the plain base)."""
+        slots = [self.slots[a] if a is not None else 0 for a in adapters]
+        device = next(iter(self._stacks.values())).a.device if self._stacks else "cpu"
+        self._rows = torch.tensor(slots, dtype=torch.long, device=device)
+        self._all_base = not any(slots)
+        try:
+            yield
+        finally:
+            self._rows = None
+
+    def _hook(self, path: str):
+        def add_delta(module, args, output):
+            rows = self._rows
+            if rows is None or self._all_base:
+                return output
+            x = args[0]
+            stack = self._stacks[path]
+            a = stack.a.index_select(0, rows)  # (B, r, d_in)
+            b = stack.b.index_select(0, rows)  # (B, d_out, r)
+            flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
+            delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
+            return output + delta.reshape(output.shape).to(output.dtype)
+
+        return add_delta
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _target(self, path: str) -> nn.Module:
+        module = self._modules.get(path)
+        if module is None:
+            raise ConfigError(f"the base has no module '{path}' that this adapter targets")
+        base_layer = getattr(module, "base_layer", None)  # a PEFT-wrapped module
+        module = base_layer if base_layer is not None else module
+        if not hasattr(module, "in_features"):
+            raise ConfigError(
+                f"'{path}' is not a Linear layer; the batched path adapts Linear only"
+            )
+        return module
+
+    def _stack_for(self, path: str, module: nn.Module, *, rank: int) -> _Stack:
+        stack = self._stacks.get(path)
+        dtype = self.dtype or _compute_dtype(module)
+        device = _device(module)
+        if stack is None:
+            stack = _Stack(
+                a=torch.zeros(self._capacity, rank, module.in_features, dtype=dtype, device=device),
+                b=torch.zeros(
+                    self._capacity, module.out_features, rank, dtype=dtype, device=device
+                ),
+            )
+            self._stacks[path] = stack
+            self._hooks[path] = module.register_forward_hook(self._hook(path))
+        elif stack.a.shape[1] < rank:  # a larger rank: pad every slot with zeros
+            grow = rank - stack.a.shape[1]
+            stack.a = torch.cat(
+                [stack.a, stack.a.new_zeros(stack.a.shape[0], grow, stack.a.shape[2])], 1
+            )
+            stack.b = torch.cat(
+                [stack.b, stack.b.new_zeros(stack.b.shape[0], stack.b.shape[1], grow)], 2
+            )
+        return stack
+
+    def _grow(self) -> int:
+        slot = self._capacity
+        self._capacity += 1
+        for stack in self._stacks.values():
+            stack.a = torch.cat([stack.a, stack.a.new_zeros(1, *stack.a.shape[1:])])
+            stack.b = torch.cat([stack.b, stack.b.new_zeros(1, *stack.b.shape[1:])])
+        return slot
+
+    def close(self) -> None:
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
+        self._stacks.clear()
+        self.slots.clear()
+
+
+def _compute_dtype(module: nn.Module) -> torch.dtype:
+    dtype = getattr(module, "compute_dtype", None)  # bitsandbytes Linear4bit
+    if dtype is not None:
+        return dtype
+    weight = getattr(module, "weight", None)
+    if weight is not None and weight.dtype.is_floating_point:
+        return weight.dtype
+    return torch.float32
+
+
+def _device(module: nn.Module) -> torch.device:
+    weight = getattr(module, "weight", None)
+    return weight.device if weight is not None else torch.device("cpu")
