@@ -167,12 +167,23 @@ def entries_table(entries: list[Entry]) -> Table:
 @click.option(
     "--json", "as_json", is_flag=True, help="Print the entry (with resolved lineage) as JSON."
 )
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also save the loss curves (train, eval, base-only eval) as PNG (or .svg, .pdf).",
+)
 @pass_app
-def show_cmd(app: App, ref: str, as_json: bool) -> None:
+def show_cmd(app: App, ref: str, as_json: bool, plot: Path | None) -> None:
     """Show everything about one entry: REF is NAME, NAME:VERSION or NAME:TAG."""
     from adaptory.registry.export import loss_summary
 
     entry = app.registry.resolve(ref)
+    if plot is not None:
+        from adaptory.registry.plots import plot_loss
+
+        written = plot_loss(entry, plot)
+        if not as_json:
+            app.err.print(f"wrote {written}", highlight=False)
     if as_json:
         data = entry.to_dict()
         data["loss_summary"] = loss_summary(entry.loss_history)
