@@ -1,0 +1,197 @@
+"""The server's scheduler: gathers concurrent requests for one base into mixed-adapter batches.
+
+One worker thread per runtime owns a `DecodeBatch`. Batching is continuous: between two decode
+steps the worker admits newly arrived requests (prefilled together, merged into the running
+cache) up to `max_batch` rows, and finished or cancelled rows leave. When idle, the first
+arrival opens a short window (`window_s`) to gather company before the first prefill.
+Classification jobs waiting at a step boundary run together as one mixed encoder pass.
+
+Events reach asyncio through `loop.call_soon_threadsafe`; torch releases the GIL while it
+computes, so the event loop keeps serving. `stop()` refuses new work and drains the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from adaptory.adapters.runtime import DecodeBatch, GenerationRequest, Runtime
+from adaptory.registry.errors import AdaptoryError
+
+
+class SchedulerClosed(AdaptoryError):
+    """The server is shutting down and takes no new work."""
+
+
+@dataclass
+class Job:
+    """One request in flight; its events land on `events` (an asyncio.Queue) in order:
+    ("text", delta)*, then ("done", GenerationResult | list[dict]) or ("error", exception)."""
+
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    generation: GenerationRequest | None = None
+    classify: list[tuple[str, str]] | None = None
+    cancelled: bool = False
+    row: Any = None
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def emit(self, kind: str, value: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the loop is gone (client and server both went away)
+            pass
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Scheduler:
+    """Mixed-adapter batching for one runtime, continuous between decode steps."""
+
+    def __init__(self, runtime: Runtime, *, max_batch: int = 8, window_s: float = 0.005) -> None:
+        self.runtime = runtime
+        self.max_batch = max(1, max_batch)
+        self.window_s = max(0.0, window_s)
+        self.inbox: queue.Queue[Job | None] = queue.Queue()
+        self.batch = DecodeBatch(runtime)
+        self.jobs: dict[int, Job] = {}  # id(row) -> job
+        self.closing = False
+        self.steps = 0
+        self.batch_rows = 0  # sum of active rows over steps (mean batch size = rows / steps)
+        self._thread = threading.Thread(target=self._run, name="adaptory-scheduler", daemon=True)
+        self._thread.start()
+
+    @property
+    def active(self) -> int:
+        return self.batch.active
+
+    def submit(self, job: Job) -> Job:
+        if self.closing:
+            raise SchedulerClosed("the server is shutting down")
+        self.inbox.put(job)
+        return job
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Take no new jobs, finish the queued and running ones, then end the worker."""
+        self.closing = True
+        self.inbox.put(None)
+        self._thread.join(timeout)
+
+    # -- worker -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stopping = False
+        while True:
+            waiting: list[Job] = []
+            if not self.batch.active:
+                if stopping and self.inbox.empty():
+                    return
+                first = self.inbox.get()
+                if first is None:
+                    stopping = True
+                    continue
+                waiting.append(first)
+                deadline = time.monotonic() + self.window_s
+                while len(waiting) < self.max_batch:
+                    left = deadline - time.monotonic()
+                    try:
+                        job = self.inbox.get(timeout=left) if left > 0 else self.inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        stopping = True
+                        break
+                    waiting.append(job)
+            room = self.max_batch - self.batch.active - len(waiting)
+            while room > 0:
+                try:
+                    job = self.inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    continue
+                waiting.append(job)
+                room -= 1
+            try:
+                self._classify([j for j in waiting if j.classify is not None])
+                self._admit([j for j in waiting if j.generation is not None and not j.cancelled])
+                self._drop_cancelled()
+                if self.batch.active:
+                    self.steps += 1
+                    self.batch_rows += self.batch.active
+                    for row in self.batch.step():
+                        self._finish(row)
+            except Exception as exc:  # a bug, not a bad request: fail what is running, go on
+                for row in list(self.batch.rows):
+                    job = self.jobs.pop(id(row), None)
+                    if job:
+                        job.emit("error", exc)
+                self.batch.drop(list(self.batch.rows), reason="error")
+
+    def _classify(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
+        rows = [row for job in jobs for row in job.classify]
+        try:
+            results = self.runtime.classify_mixed(rows)
+        except Exception:
+            for job in jobs:  # isolate the failing request(s)
+                try:
+                    job.emit("done", self.runtime.classify_mixed(job.classify))
+                except Exception as exc:
+                    job.emit("error", exc)
+            return
+        start = 0
+        for job in jobs:
+            job.emit("done", results[start : start + len(job.classify)])
+            start += len(job.classify)
+
+    def _admit(self, jobs: list[Job]) -> None:
+        ready = []
+        for job in jobs:
+            try:  # load (or refuse) each adapter alone, so a broken one fails only its request
+                if job.generation.adapter is not None:
+                    self.runtime.load(job.generation.adapter)
+                ready.append(job)
+            except Exception as exc:
+                job.emit("error", exc)
+        if not ready:
+            return
+        try:
+            rows = self.batch.add_many([(j.generation, self._sink(j)) for j in ready])
+            pairs = list(zip(ready, rows, strict=True))
+        except Exception:
+            pairs = []
+            for job in ready:
+                try:
+                    pairs.append((job, self.batch.add(job.generation, on_text=self._sink(job))))
+                except Exception as exc:
+                    job.emit("error", exc)
+        for job, row in pairs:
+            job.row = row
+            if row.result is not None:  # finished at its first token
+                job.emit("done", row.result)
+            else:
+                self.jobs[id(row)] = job
+
+    @staticmethod
+    def _sink(job: Job):
+        return lambda text: job.emit("text", text)
+
+    def _drop_cancelled(self) -> None:
+        gone = [row for row in self.batch.rows if (job := self.jobs.get(id(row))) and job.cancelled]
+        if gone:
+            self.batch.drop(gone, reason="cancelled")
+            for row in gone:
+                self.jobs.pop(id(row), None)
+
+    def _finish(self, row) -> None:
+        job = self.jobs.pop(id(row), None)
+        if job is not None and row.result is not None:
+            job.emit("done", row.result)
