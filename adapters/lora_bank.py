@@ -6,6 +6,9 @@ applies them with batched matrix products, instead of PEFT's loop over the adapt
 (one indexing, two small matmuls and a scatter per adapter per layer).
 
 A forward hook on each adapted base module adds ``scale · B_row(A_row(x_row))`` to its output.
+When every row uses the same adapter the hook skips the gather (two plain matmuls); otherwise
+the gathered per-row A and B are kept for the whole ``rows()`` block, so a decode loop gathers
+once per layer instead of once per layer per token (within ``gather_cache_bytes``).
 Slot 0 of every stack is zero: rows for the plain base (or for prefix adapters, which change the
 attention cache rather than the weights) use it. The bank holds the only copy of each adapter's
 tensors, so its memory is the adapters' raw size plus the rank padding of mixed ranks.
@@ -40,18 +43,29 @@ class _Stack:
     b: torch.Tensor
 
 
-def lora_scaling(config: dict) -> float:
-    rank, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
+def _pattern_value(patterns: dict | None, module: str, default):
+    """PEFT's rank_pattern/alpha_pattern lookup: the first key matching the module path."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def lora_scaling(config: dict, module: str = "", rank: int | None = None) -> float:
+    """The scale PEFT applies to B·A in `module` (alpha/r, or alpha/√r with rsLoRA)."""
+    rank = rank or _pattern_value(config.get("rank_pattern"), module, int(config["r"]))
+    alpha = float(
+        _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", rank))
+    )
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
 def check_bankable(config: dict) -> None:
-    """Refuse LoRA variants whose update is not a plain scaled B·A (caller falls back to PEFT)."""
+    """Refuse LoRA variants whose update is not a plain scaled B·A."""
     if config.get("peft_type", "LORA") != "LORA":
         raise ConfigError(f"not a LoRA adapter: {config.get('peft_type')}")
-    for key in ("use_dora", "rank_pattern", "alpha_pattern"):
-        if config.get(key):
-            raise ConfigError(f"LoRA with {key} is served by PEFT, not the batched path")
+    if config.get("use_dora"):
+        raise ConfigError("LoRA with use_dora is not a plain B·A update; it cannot be batched")
 
 
 def split_state_dict(
@@ -72,7 +86,13 @@ def split_state_dict(
 class LoraBank:
     """Resident LoRA adapters for one base model, applied per row by forward hooks."""
 
-    def __init__(self, model: nn.Module, *, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        dtype: torch.dtype | None = None,
+        gather_cache_bytes: int = 256 * 2**20,
+    ) -> None:
         self.model = model
         self.dtype = dtype
         self.slots: dict[str, int] = {}  # adapter name -> slot (>= 1)
@@ -82,6 +102,10 @@ class LoraBank:
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._rows: torch.Tensor | None = None  # slot per batch row while a batch runs
         self._all_base = True
+        self._single: int | None = None
+        self._gathered: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._keep_gathered = False
+        self.gather_cache_bytes = gather_cache_bytes
         self._modules = dict(model.named_modules())
 
     # --- adapters -------------------------------------------------------------------------------
@@ -95,16 +119,30 @@ class LoraBank:
         if not pairs:
             raise ConfigError(f"adapter '{name}' has no LoRA weights")
         targets = {path: self._target(path) for path in pairs}
+        for path, (a, b) in pairs.items():  # check everything before changing anything
+            module = targets[path]
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+                raise ConfigError(
+                    f"{name}: {path} has lora_A {tuple(a.shape)} and lora_B "
+                    f"{tuple(b.shape)}, which do not form a low-rank pair"
+                )
+            if a.shape[1] != module.in_features or b.shape[0] != module.out_features:
+                raise ConfigError(
+                    f"{name}: {path} expects ({module.out_features} x {module.in_features}) "
+                    f"but the adapter's B·A is ({b.shape[0]} x {a.shape[1]})",
+                    hint="the adapter was made for a base with other layer sizes",
+                )
         slot = self._free.pop() if self._free else self._grow()
-        scale = lora_scaling(config)
         for path, (a, b) in pairs.items():
-            stack = self._stack_for(path, targets[path], rank=a.shape[0])
             r = a.shape[0]
+            stack = self._stack_for(path, targets[path], rank=r)
+            scale = lora_scaling(config, path, r)
             stack.a[slot].zero_()
             stack.b[slot].zero_()
             stack.a[slot, :r] = a.to(stack.a.dtype)
             stack.b[slot, :, :r] = (b.float() * scale).to(stack.b.dtype)
         self.slots[name] = slot
+        self._gathered = {}
         return slot
 
     def remove(self, name: str) -> None:
@@ -114,6 +152,7 @@ class LoraBank:
             stack.a[slot].zero_()
             stack.b[slot].zero_()
         self._free.append(slot)
+        self._gathered = {}
 
     def nbytes(self) -> int:
         return sum(s.a.nbytes + s.b.nbytes for s in self._stacks.values())
@@ -124,14 +163,26 @@ class LoraBank:
     def rows(self, adapters: list[str | None]):
         """Within this block, forward passes apply adapter ``adapters[i]`` to batch row i
         (None: the plain base)."""
+        unknown = [a for a in adapters if a is not None and a not in self.slots]
+        if unknown:  # never run a row silently without its adapter
+            raise KeyError(f"adapter '{unknown[0]}' is not in the bank")
         slots = [self.slots[a] if a is not None else 0 for a in adapters]
         device = next(iter(self._stacks.values())).a.device if self._stacks else "cpu"
         self._rows = torch.tensor(slots, dtype=torch.long, device=device)
         self._all_base = not any(slots)
+        # One adapter for every row: plain matmuls with its own A and B, no gather at all.
+        self._single = slots[0] if len(set(slots)) == 1 else None
+        # Mixed rows: every forward in the block (a prefill, then each decode step) gathers the
+        # same per-row A and B, so keep them for the block when they fit the budget.
+        per_row = self.nbytes() // max(1, self._capacity)
+        self._keep_gathered = per_row * len(slots) <= self.gather_cache_bytes
+        self._gathered = {}
         try:
             yield
         finally:
             self._rows = None
+            self._single = None
+            self._gathered = {}
 
     def _hook(self, path: str):
         def add_delta(module, args, output):
@@ -140,11 +191,30 @@ class LoraBank:
                 return output
             x = args[0]
             stack = self._stacks[path]
-            a = stack.a.index_select(0, rows)  # (B, r, d_in)
-            b = stack.b.index_select(0, rows)  # (B, d_out, r)
-            flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
-            delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
-            return output + delta.reshape(output.shape).to(output.dtype)
+            if x.dtype != stack.a.dtype:
+                x = x.to(stack.a.dtype)
+            if self._single is not None:
+                a, b = stack.a[self._single], stack.b[self._single]  # (r, d_in), (d_out, r)
+                xa = x.reshape(-1, x.shape[-1]) @ a.T
+                if output.dtype == b.dtype:
+                    flat = output.reshape(-1, output.shape[-1])
+                    return torch.addmm(flat, xa, b.T).reshape(output.shape)
+                return output + (xa @ b.T).reshape(output.shape).to(output.dtype)
+            gathered = self._gathered.get(path)
+            if gathered is None:
+                # (B, d_in, r) and (B, r, d_out): transposed views of the gathered copies
+                gathered = (
+                    stack.a.index_select(0, rows).transpose(1, 2),
+                    stack.b.index_select(0, rows).transpose(1, 2),
+                )
+                if self._keep_gathered:
+                    self._gathered[path] = gathered
+            a_t, b_t = gathered
+            xa = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), a_t)  # (B, L, r)
+            if output.dtype == b_t.dtype:
+                out = output.reshape(output.shape[0], -1, output.shape[-1])
+                return torch.baddbmm(out, xa, b_t).reshape(output.shape)
+            return output + torch.bmm(xa, b_t).reshape(output.shape).to(output.dtype)
 
         return add_delta
 

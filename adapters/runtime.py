@@ -3,10 +3,11 @@ batches where every row runs with its own adapter (LoRA, prefix tuning or the pl
 
 How rows with different adapters share one forward pass:
 
-* LoRA. Every linear layer some resident adapter targets is wrapped once in `MixedLoRALinear`
-  (the quantized base layer stays where it is). Before each forward the runtime publishes the
-  row -> adapter routing; each wrapper adds `B(A(x)) * scaling` to the rows of each adapter it
-  holds (`lora_delta`, the seam where a gathered-bmm kernel can replace the per-adapter loop).
+* LoRA. Resident LoRA adapters live in one `LoraBank` (adapters/lora_bank.py): per adapted
+  layer, every adapter's A and scaled B stacked in two tensors, applied by a forward hook with a
+  per-row gather and two batched matmuls (the quantized base layers stay as they are). Each
+  forward runs inside `bank.rows(...)`, which says which adapter each row uses; a row whose
+  adapter is not in the bank is an error, never a silent fall-back to the base.
 * Prefix tuning. At load time the adapter's saved prompt embeddings become per-layer key/value
   prefix tensors, kept as they are. A batch's KV cache starts with `P = max(num_virtual_tokens)`
   slots per row: a prefix row puts its prefix in the last slots of that region, every other slot
@@ -56,69 +57,6 @@ class AdapterInUse(BadInput):
     """An adapter cannot be unloaded while rows of a running batch use it."""
 
 
-# --- LoRA layers ---------------------------------------------------------------------------
-
-
-@dataclass
-class LoRAWeights:
-    A: Any  # (r, in_features)
-    B: Any  # (out_features, r)
-    scaling: float
-
-
-class RowRouting:
-    """Which rows of the current forward use which adapter: {adapter key: LongTensor of rows}."""
-
-    def __init__(self) -> None:
-        self.groups: dict[str, Any] = {}
-
-
-def lora_delta(x, out, groups: list[tuple[LoRAWeights, Any]]):
-    """Add each adapter's LoRA update to its rows of `out` (PEFT's mixed-batch arithmetic).
-
-    The seam for a faster kernel: replace `MixedLoRALinear.kernel` with a function of the same
-    signature (e.g. gather per-row A/B and use bmm).
-    """
-    for weights, rows in groups:
-        sub = x[rows].to(weights.A.dtype)
-        delta = (sub @ weights.A.T) @ weights.B.T * weights.scaling
-        out[rows] += delta.to(out.dtype)
-    return out
-
-
-class MixedLoRALinear:
-    """Factory for the wrapper module (kept lazy so importing this file does not import torch)."""
-
-    kernel: Callable = staticmethod(lora_delta)
-
-    @staticmethod
-    def wrap(base_layer, routing: RowRouting):
-        import torch
-
-        class _Mixed(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.base_layer = base_layer
-                self.adapters: dict[str, LoRAWeights] = {}
-                self.routing = routing
-
-            def forward(self, x, *args, **kwargs):
-                out = self.base_layer(x, *args, **kwargs)
-                groups = [
-                    (self.adapters[key], rows)
-                    for key, rows in self.routing.groups.items()
-                    if key in self.adapters
-                ]
-                if not groups:
-                    return out
-                return MixedLoRALinear.kernel(x, out.clone(), groups)
-
-            def __repr__(self) -> str:
-                return f"MixedLoRALinear({self.base_layer!r}, adapters={list(self.adapters)})"
-
-        return _Mixed()
-
-
 # --- resident adapters ---------------------------------------------------------------------
 
 
@@ -129,7 +67,7 @@ class ResidentAdapter:
     key: str  # "name:version"
     entry: Any
     method: str
-    lora: dict[str, LoRAWeights] = field(default_factory=dict)
+    in_bank: bool = False  # its LoRA weights are in the runtime's LoraBank
     prefix: list[tuple[Any, Any]] | None = None  # per layer (keys, values): (heads, P, head_dim)
     head: dict[str, Any] = field(default_factory=dict)  # seq-cls: classifier.* / pooler.* tensors
     labels: list[str] | None = None
@@ -143,13 +81,6 @@ class ResidentAdapter:
 def _strip_key(key: str) -> str:
     key = key.removeprefix("base_model.model.")
     return re.sub(r"\.modules_to_save\.[^.]+", "", key)
-
-
-def _pattern_value(patterns: dict, module: str, default):
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
 
 
 # --- generation types ----------------------------------------------------------------------
@@ -245,8 +176,9 @@ class Runtime:
         self.tokenizer = self.base.tokenizer
         self.lock = threading.RLock()
         self._tok_lock = threading.Lock()
-        self._routing = RowRouting()
-        self._wrapped: dict[str, Any] = {}
+        from adaptory.adapters.lora_bank import LoraBank  # imports torch: kept out of module import
+
+        self._bank = LoraBank(self.model)
         self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()
         self.counters = {"base_loads": 1, "loads": 0, "evictions": 0, "hits": 0, "load_failures": 0}
         forward = inspect.signature(self.model.forward).parameters
@@ -282,23 +214,29 @@ class Runtime:
             )
         return entry
 
-    def load(self, ref) -> ResidentAdapter:
-        """Make an adapter resident (a hit if it already is); evict the LRU ones beyond the bound."""
+    def load(self, ref, *, pin: bool = False) -> ResidentAdapter:
+        """Make an adapter resident (a hit if it already is); evict the LRU ones beyond the bound.
+
+        With `pin`, the adapter is pinned before anything is evicted, so a load under pressure
+        (every other resident adapter pinned by running rows) can never evict itself: the
+        resident set then exceeds the bound until those rows finish.
+        """
         entry = self.check_servable(ref) if hasattr(ref, "digest") else self.resolve(ref)
         with self.lock:
             adapter = self._resident.get(entry.ref)
             if adapter is not None:
                 self._resident.move_to_end(entry.ref)
                 self.counters["hits"] += 1
-                return adapter
-            try:
-                adapter = self._read_adapter(entry)
-            except Exception:
-                self.counters["load_failures"] += 1
-                raise
-            self._install(adapter)
-            self._resident[adapter.key] = adapter
-            self.counters["loads"] += 1
+            else:
+                try:
+                    adapter = self._read_adapter(entry)
+                except Exception:
+                    self.counters["load_failures"] += 1
+                    raise
+                self._resident[adapter.key] = adapter
+                self.counters["loads"] += 1
+            if pin:
+                adapter.pins += 1
             self._evict_beyond(self.max_adapters)
             return adapter
 
@@ -327,9 +265,9 @@ class Runtime:
 
     def _evict(self, key: str) -> None:
         adapter = self._resident.pop(key)
-        for module in adapter.lora:
-            self._wrapped[module].adapters.pop(key, None)
-        adapter.lora.clear()
+        if adapter.in_bank:
+            self._bank.remove(key)
+            adapter.in_bank = False
         adapter.prefix = None
         adapter.head.clear()
         self.counters["evictions"] += 1
@@ -356,12 +294,11 @@ class Runtime:
                 raise ConfigError(f"{entry.ref}: LoRA option '{option}' is not servable here")
         if config.get("bias", "none") != "none":
             raise ConfigError(f"{entry.ref}: LoRA bias='{config['bias']}' is not servable here")
-        pairs: dict[str, dict[str, Any]] = {}
+        lora: dict[str, Any] = {}
         for key, tensor in tensors.items():
             name = _strip_key(key)
-            match = re.match(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", name)
-            if match:
-                pairs.setdefault(match[1], {})[match[2]] = tensor
+            if re.search(r"\.lora_[AB](?:\.[^.]+)?\.weight$", name):
+                lora[key] = tensor
             elif ".lora_" in name:
                 raise ConfigError(f"{entry.ref}: tensor {key} is not a linear LoRA weight")
             elif self.task == "seq-cls":
@@ -371,18 +308,8 @@ class Runtime:
                 raise ConfigError(
                     f"{entry.ref}: saves full module weights ({key}); only LoRA weights are servable"
                 )
-        modules = dict(self.model.named_modules())
-        for module, ab in pairs.items():
-            target = self._wrapped.get(module) or modules.get(module)
-            if target is None or ("A" not in ab or "B" not in ab):
-                raise ConfigError(f"{entry.ref}: LoRA target '{module}' is not in this base")
-            base_layer = getattr(target, "base_layer", target)
-            if not isinstance(base_layer, torch.nn.Linear):
-                raise ConfigError(f"{entry.ref}: LoRA target '{module}' is not a linear layer")
-            rank = ab["A"].shape[0]
-            alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
-            scale = alpha / (rank**0.5) if config.get("use_rslora") else alpha / rank
-            adapter.lora[module] = LoRAWeights(ab["A"], ab["B"], float(scale))
+        if not lora:
+            raise ConfigError(f"{entry.ref}: no LoRA weights found")
         if self.task == "seq-cls":
             if not any(k.startswith(("classifier.", "score.")) for k in adapter.head):
                 raise ConfigError(f"{entry.ref}: no classification head in the adapter's weights")
@@ -393,8 +320,11 @@ class Runtime:
                 raise ConfigError(
                     f"{entry.ref}: {len(adapter.labels)} labels for a {width}-way head"
                 )
-        elif not adapter.lora:
-            raise ConfigError(f"{entry.ref}: no LoRA weights found")
+        try:  # checks every shape against the base before it changes anything
+            self._bank.add(adapter.key, lora, config)
+        except ConfigError as exc:
+            raise ConfigError(f"{entry.ref}: {exc.message}", hint=exc.hint) from None
+        adapter.in_bank = True
         return adapter
 
     def _prefix_kv(self, entry, config: dict, tensors: dict) -> list[tuple[Any, Any]]:
@@ -413,22 +343,10 @@ class Runtime:
             raise ConfigError(f"{entry.ref}: prefix made for {layers} layers, base has {n_layers}")
         return [(kv[2 * i].contiguous(), kv[2 * i + 1].contiguous()) for i in range(layers)]
 
-    def _install(self, adapter: ResidentAdapter) -> None:
-        for module, weights in adapter.lora.items():
-            wrapper = self._wrapped.get(module)
-            if wrapper is None:
-                parent_name, _, child = module.rpartition(".")
-                parent = self.model.get_submodule(parent_name) if parent_name else self.model
-                wrapper = MixedLoRALinear.wrap(getattr(parent, child), self._routing)
-                setattr(parent, child, wrapper)
-                self._wrapped[module] = wrapper
-            wrapper.adapters[adapter.key] = weights
-
     def _acquire(self, ref: str | None) -> tuple[str, ResidentAdapter | None]:
         if ref is None or ref == BASE:
             return BASE, None
-        adapter = self.load(ref)
-        adapter.pins += 1
+        adapter = self.load(ref, pin=True)
         return adapter.key, adapter
 
     def _release(self, adapter: ResidentAdapter | None) -> None:
@@ -437,17 +355,9 @@ class Runtime:
                 adapter.pins -= 1
                 self._evict_beyond(self.max_adapters)
 
-    def _route(self, keys: list[str]) -> None:
-        import torch
-
-        groups: dict[str, list[int]] = {}
-        for i, key in enumerate(keys):
-            if key != BASE:
-                groups.setdefault(key, []).append(i)
-        device = self.base.device
-        self._routing.groups = {
-            k: torch.tensor(v, dtype=torch.long, device=device) for k, v in groups.items()
-        }
+    def _rows(self, keys: list[str]):
+        """The LoRA bank's routing for a forward whose row i runs adapter keys[i]."""
+        return self._bank.rows([key if key in self._bank.slots else None for key in keys])
 
     # -- text -------------------------------------------------------------------------------
 
@@ -519,13 +429,9 @@ class Runtime:
                         [t for _, t in rows], padding=True, truncation=True, return_tensors="pt"
                     )
                 enc = {k: v.to(self.base.device) for k, v in enc.items()}
-                self._route([key for key, _ in acquired])
-                try:
-                    with torch.inference_mode():
-                        encoder = self.model.base_model
-                        out = encoder(**enc)
-                finally:
-                    self._routing.groups = {}
+                with torch.inference_mode(), self._rows([key for key, _ in acquired]):
+                    encoder = self.model.base_model
+                    out = encoder(**enc)
                 results = []
                 for i, (_key, adapter) in enumerate(acquired):
                     logits = _apply_head(adapter.head, out, i, encoder)
@@ -706,19 +612,15 @@ class DecodeBatch:
             mask.masked_fill_(~allowed, torch.finfo(dtype).min)
         else:
             mask = allowed
-        rt._route(keys)
-        try:
-            with torch.inference_mode():
-                out = rt.model(
-                    input_ids=input_ids,
-                    attention_mask=mask[:, None],
-                    position_ids=positions,
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **{rt._cache_kwarg: cache},
-                )
-        finally:
-            rt._routing.groups = {}
+        with torch.inference_mode(), rt._rows(keys):
+            out = rt.model(
+                input_ids=input_ids,
+                attention_mask=mask[:, None],
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{rt._cache_kwarg: cache},
+            )
         return out.logits[:, -1].float()
 
     def _merge(self, rows, cache, valid, positions) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import threading
 import time
 import uuid
@@ -345,7 +346,7 @@ def create_app(runtimes: dict[str, Runtime], *, registry, settings: ServerSettin
             },
         }
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics_endpoint():
         return PlainTextResponse(
             metrics.render(runtimes, schedulers), media_type="text/plain; version=0.0.4"
@@ -559,8 +560,10 @@ async def _json(request) -> dict:
     raw = await request.body()
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"malformed JSON body: {exc}", code="invalid_json") from None
+        # lone surrogates ("\ud800") parse but cannot be tokenized: refuse them here
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError) as exc:  # bad JSON/UTF-8, deep nesting, 5000-digit ints
+        raise APIError(400, f"malformed JSON body: {exc}"[:300], code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the JSON body must be an object", code="invalid_json")
     return body
@@ -609,6 +612,8 @@ def _number(body: dict, name: str, default, kind=float, low=None, high=None):
             f"'{name}' must be {'an integer' if kind is int else 'a number'}",
             code="invalid_value",
         )
+    if isinstance(value, float) and not math.isfinite(value):  # json.loads accepts NaN, Infinity
+        raise APIError(400, f"'{name}' must be a finite number, got {value}", code="invalid_value")
     if (low is not None and value < low) or (high is not None and value > high):
         raise APIError(
             400, f"'{name}' must be between {low} and {high}, got {value}", code="invalid_value"
@@ -653,7 +658,7 @@ def _generation_request(
         max_new_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, float, 0.0, 1.0) or 1.0,
-        seed=_number(body, "seed", None, int),
+        seed=_number(body, "seed", None, int, 0, 2**63 - 1),  # torch seeds are 64-bit
         stop=stop,
     )
 

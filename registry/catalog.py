@@ -153,15 +153,23 @@ class Catalog:
             raise StorageError(
                 f"the catalog is busy or unwritable: {exc}; nothing was changed"
             ) from exc
+        # SQLite may already have rolled back by itself (a full disk at COMMIT or mid-write):
+        # roll back only what is still open, and report write failures as StorageError.
         try:
             yield
+        except sqlite3.OperationalError as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StorageError(f"writing the catalog failed: {exc}; nothing was changed") from exc
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
         try:
             conn.execute("COMMIT")
         except sqlite3.OperationalError as exc:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise StorageError(f"writing the catalog failed: {exc}; nothing was changed") from exc
 
     # queries ------------------------------------------------------------------------------
