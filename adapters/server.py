@@ -54,6 +54,7 @@ class ServerSettings:
     max_tokens_limit: int = 512  # the largest max_tokens a request may ask for
     max_prompt_tokens: int = 2048
     default_max_tokens: int = 16
+    max_body_bytes: int = 1 << 20  # a request body over this is refused (413) unread
 
     def __repr__(self) -> str:  # never show the key
         key = "set" if self.api_key else None
@@ -557,7 +558,17 @@ def _authorized(request, key: str) -> bool:
 
 
 async def _json(request) -> dict:
-    raw = await request.body()
+    limit = request.app.state.settings.max_body_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body over {limit} bytes", code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # chunked bodies have no length: count as they come
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body over {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         body = json.loads(raw)
         # lone surrogates ("\ud800") parse but cannot be tokenized: refuse them here

@@ -181,13 +181,15 @@ def chat_cmd(
 @click.option("--max-tokens-limit", type=click.IntRange(1), default=512, show_default=True,
               help="Largest max_tokens a request may ask for.")  # fmt: skip
 @click.option("--max-prompt-tokens", type=click.IntRange(1), default=2048, show_default=True)
+@click.option("--max-body-bytes", type=click.IntRange(1024), default=1 << 20, show_default=True,
+              help="Largest request body; larger ones get 413 without being read.")  # fmt: skip
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)  # fmt: skip
 @_common
 @pass_app
 def serve_cmd(app: App, host, port, bases, preload, max_adapters, api_key, no_admin, max_batch,
-              batch_window_ms, max_tokens_limit, max_prompt_tokens, log_level, quant, device,
-              force) -> None:  # fmt: skip
+              batch_window_ms, max_tokens_limit, max_prompt_tokens, max_body_bytes, log_level,
+              quant, device, force) -> None:  # fmt: skip
     """Serve adapters over an OpenAI-compatible HTTP API (completions, chat, classify).
 
     \b
@@ -204,7 +206,7 @@ def serve_cmd(app: App, host, port, bases, preload, max_adapters, api_key, no_ad
     settings = ServerSettings(
         api_key=api_key or None, admin=not no_admin, max_batch=max_batch,
         batch_window_ms=batch_window_ms, max_tokens_limit=max_tokens_limit,
-        max_prompt_tokens=max_prompt_tokens,
+        max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
     )  # fmt: skip
     web = create_app(runtimes, registry=app.registry, settings=settings)
     for ref, rt in runtimes.items():

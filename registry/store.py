@@ -191,6 +191,10 @@ class BlobStore:
     def check(self, digest: str, files: dict[str, FileRecord]) -> list[str]:
         """Re-hash a blob against its manifest; one message per missing, truncated or altered file."""
         folder = self.path_for(digest)
+        if folder.is_symlink() or (
+            folder.exists() and not folder.resolve().is_relative_to(self.objects.resolve())
+        ):  # never read an adapter from outside the home
+            return [f"blob folder {folder} was replaced by a link pointing outside the store"]
         if not folder.is_dir():
             return [f"blob folder {folder} is missing"]
         problems = []

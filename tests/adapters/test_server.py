@@ -290,3 +290,22 @@ def test_no_admin_and_no_key(served, tiny_llama_dir):
             json={"model": "lora-a", "prompt": "the", "max_tokens": 3, "temperature": 0},
         )
         assert r.json()["choices"][0]["text"] == alone.text
+
+
+def test_oversized_bodies_are_refused_unread(served):
+    client, *_ = served
+    limit = client.app.state.settings.max_body_bytes
+    big = b'{"model": "lora-a", "prompt": "' + b"a" * (limit + 10) + b'"}'
+    r = client.post("/v1/completions", content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+    def chunked():  # no Content-Length: counted as it arrives
+        yield b'{"model": "lora-a", "prompt": "'
+        for _ in range(limit // 65536 + 2):
+            yield b"a" * 65536
+        yield b'"}'
+
+    r = client.post(
+        "/v1/completions", content=chunked(), headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 413
