@@ -214,7 +214,7 @@ class Runtime:
             )
         return entry
 
-    def load(self, ref, *, pin: bool = False) -> ResidentAdapter:
+    def load(self, ref, *, pin: bool = False, count_hit: bool = True) -> ResidentAdapter:
         """Make an adapter resident (a hit if it already is); evict the LRU ones beyond the bound.
 
         With `pin`, the adapter is pinned before anything is evicted, so a load under pressure
@@ -226,7 +226,7 @@ class Runtime:
             adapter = self._resident.get(entry.ref)
             if adapter is not None:
                 self._resident.move_to_end(entry.ref)
-                self.counters["hits"] += 1
+                self.counters["hits"] += count_hit
             else:
                 try:
                     adapter = self._read_adapter(entry)
@@ -801,6 +801,7 @@ def _sample(logits, request: GenerationRequest, generator) -> int:
         sorted_probs, order = torch.sort(probs, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
         cut = cumulative - sorted_probs >= request.top_p  # keep the smallest set reaching top_p
+        cut[0] = False  # the most likely token always stays: top_p -> 0 means greedy
         sorted_probs[cut] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     choice = torch.multinomial(probs.cpu(), 1, generator=generator)

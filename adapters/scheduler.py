@@ -157,7 +157,7 @@ class Scheduler:
         for job in jobs:
             try:  # load (or refuse) each adapter alone, so a broken one fails only its request
                 if job.generation.adapter is not None:
-                    self.runtime.load(job.generation.adapter)
+                    self.runtime.load(job.generation.adapter, count_hit=False)
                 ready.append(job)
             except Exception as exc:
                 job.emit("error", exc)

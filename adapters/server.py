@@ -27,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adaptory.adapters.runtime import GenerationRequest, GenerationResult, Runtime
+from adaptory.adapters.runtime import AdapterInUse, GenerationRequest, GenerationResult, Runtime
 from adaptory.adapters.scheduler import Job, Scheduler, SchedulerClosed
 from adaptory.registry.errors import (
     AdaptoryError,
@@ -87,6 +87,8 @@ def api_error(exc: AdaptoryError) -> APIError:
         return APIError(409, message, type="adapter_error", code="base_mismatch")
     if isinstance(exc, IntegrityError):
         return APIError(500, message, type="adapter_error", code="adapter_integrity")
+    if isinstance(exc, AdapterInUse):
+        return APIError(409, message, code="adapter_in_use")
     if isinstance(exc, SchedulerClosed):
         return APIError(503, message, type="server_error", code="shutting_down")
     if isinstance(exc, BadInput):
@@ -668,7 +670,7 @@ def _generation_request(
         prompt_ids=ids,
         max_new_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, float, 0.0, 1.0) or 1.0,
+        top_p=_number(body, "top_p", 1.0, float, 0.0, 1.0),
         seed=_number(body, "seed", None, int, 0, 2**63 - 1),  # torch seeds are 64-bit
         stop=stop,
     )

@@ -114,6 +114,16 @@ def test_seeded_sampling_does_not_depend_on_the_batch(causal):
     assert runtime.generate([request])[0].token_ids == alone.token_ids
 
 
+def test_top_p_zero_is_greedy(causal):
+    _, _, runtime = causal
+    greedy = GenerationRequest(prompt=PROMPTS[1], adapter="lora-a", max_new_tokens=8)
+    nucleus = GenerationRequest(
+        prompt=PROMPTS[1], adapter="lora-a", max_new_tokens=8, temperature=1.0, top_p=0.0, seed=3
+    )
+    a, b = runtime.generate([greedy, nucleus])
+    assert a.token_ids == b.token_ids
+
+
 def test_stop_sequences_streaming_and_usage(causal):
     _, _, runtime = causal
     full = runtime.generate(
