@@ -27,7 +27,9 @@ QUANTS = ("nf4", "fp4", "int8", "none")
 
 # Modules never quantized: a new classification head has no weights to quantize until it is
 # trained, and it is saved with the adapter (PEFT's modules_to_save); the BERT pooler feeds it.
-SEQ_CLS_SKIP_MODULES = ["classifier", "score", "pooler"]
+# transformers 5 matches these from the start of a module name or as a suffix, so a bare "pooler"
+# never matched "bert.pooler.dense": the regex form is what keeps the pooler unquantized.
+SEQ_CLS_SKIP_MODULES = ["classifier", "score", "pooler", r"(?:.*\.)?pooler"]
 CAUSAL_SKIP_MODULES = ["lm_head"]
 
 TOKENIZER_FILES = (

@@ -79,7 +79,7 @@ def base_init(app: App, name, arch, size, corpus, seed, out, force) -> None:
 @click.option(
     "--size", type=click.Choice(["tiny", "small", "base"]), default="small", show_default=True
 )
-@click.option("--steps", type=click.IntRange(1), default=600, show_default=True)
+@click.option("--steps", type=click.IntRange(1), default=300, show_default=True)
 @click.option("--seq-len", type=click.IntRange(8), default=128, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--lr", type=float, default=3e-3, show_default=True)

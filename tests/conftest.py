@@ -24,6 +24,14 @@ terrible quality, it broke after a week. the refund took too long. please reset 
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread; on 2 shared cores more threads only contend."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def adaptory_home(tmp_path, monkeypatch) -> Path:
     """Every test gets its own registry home; nothing touches the user's real one."""

@@ -1,0 +1,477 @@
+"""Training data: read JSONL / CSV / Parquet, validate every row, tokenize with loss masks.
+
+Every problem is found before training starts and raised as one DataError naming the file, the
+1-based line (the row number for Parquet) and the field. Formats:
+
+- `text`               {"text"}                      causal LM, loss on every token (+ eos)
+- `prompt-completion`  {"prompt", "completion"}      causal LM, loss on the completion only
+- `chat`               {"messages": [{role, content}]} causal LM via the tokenizer's chat
+                       template, loss on the assistant turns only
+- `classification`     {"text", "label"}             sequence classification (str or int labels)
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from adaptory.registry.errors import ConfigError, DataError
+
+FORMATS = ("text", "prompt-completion", "chat", "classification")
+FORMAT_ALIASES = {
+    "messages": "chat",
+    "prompt_completion": "prompt-completion",
+    "cls": "classification",
+}
+FORMAT_TASK = {
+    "text": "causal-lm",
+    "prompt-completion": "causal-lm",
+    "chat": "causal-lm",
+    "classification": "seq-cls",
+}
+ROLES = ("system", "user", "assistant", "tool")
+IGNORE = -100
+# Bumped when tokenization or masking changes, so dataset fingerprints never silently collide.
+PROMPT_FORMAT_VERSION = 1
+
+
+@dataclass
+class Example:
+    """One tokenized row. `label` is the class index (seq-cls); `labels` the per-token targets."""
+
+    line: int
+    input_ids: list[int]
+    labels: list[int] | None = None
+    label: int | None = None
+    prompt: str | None = None  # prompt-completion: for exact-match generation
+    completion: str | None = None
+
+
+@dataclass
+class Dataset:
+    """A validated, tokenized data file (or part of one after a split)."""
+
+    file: Path
+    format: str
+    task: str
+    examples: list[Example]
+    fingerprint: str
+    labels: list[str] | None = None  # seq-cls label names, index = class id
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __iter__(self):
+        return iter(self.examples)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(e.input_ids) for e in self.examples)
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def read_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line, row) pairs of a .jsonl/.json/.csv/.tsv/.parquet file; DataError on anything bad."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("data file does not exist", file=path)
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        rows = _read_parquet(path)
+    else:
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise DataError(
+                "not valid UTF-8 text", file=path, line=line, hint="save the file as UTF-8"
+            ) from None
+        if suffix in (".csv", ".tsv"):
+            rows = _read_csv(path, text, "\t" if suffix == ".tsv" else ",")
+        elif suffix in (".jsonl", ".json", ".ndjson"):
+            rows = _read_jsonl(path, text)
+        else:
+            raise DataError(
+                f"unknown data file type '{suffix or path.name}'",
+                file=path,
+                hint="use .jsonl, .csv, .tsv or .parquet",
+            )
+    if not rows:
+        raise DataError("the data file has no rows", file=path)
+    return rows
+
+
+def _read_jsonl(path: Path, text: str) -> list[tuple[int, dict]]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"invalid JSON ({exc.msg})", file=path, line=number) from None
+        if not isinstance(row, dict):
+            raise DataError("each line must be a JSON object", file=path, line=number)
+        rows.append((number, row))
+    return rows
+
+
+def _read_csv(path: Path, text: str, delimiter: str) -> list[tuple[int, dict]]:
+    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+    rows = []
+    try:
+        start = 2
+        for row in reader:
+            if None in row:
+                raise DataError("more values than header columns", file=path, line=start)
+            rows.append((start, {k: v for k, v in row.items() if k is not None}))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise DataError(f"invalid CSV ({exc})", file=path, line=reader.line_num) from None
+    return rows
+
+
+def _read_parquet(path: Path) -> list[tuple[int, dict]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise DataError(f"unreadable Parquet file ({exc})", file=path) from None
+    return [(i + 1, row) for i, row in enumerate(table.to_pylist())]
+
+
+# --- format detection & validation --------------------------------------------------------------
+
+
+def normalize_format(fmt: str | None) -> str | None:
+    if fmt is None:
+        return None
+    fmt = FORMAT_ALIASES.get(fmt, fmt)
+    if fmt not in FORMATS:
+        raise ConfigError(
+            f"unknown data format '{fmt}'", hint=f"choose one of {', '.join(FORMATS)}"
+        )
+    return fmt
+
+
+def detect_format(rows: list[tuple[int, dict]], path: Path, task: str | None = None) -> str:
+    """The format the columns of the first row say (a `task` of causal-lm ignores labels)."""
+    line, first = rows[0]
+    columns = set(first)
+    if "messages" in columns:
+        return "chat"
+    if "prompt" in columns or "completion" in columns:
+        return "prompt-completion"
+    if "text" in columns:
+        if "label" in columns and task != "causal-lm":
+            return "classification"
+        return "text"
+    raise DataError(
+        f"cannot tell the data format from the columns {sorted(columns)}",
+        file=path,
+        line=line,
+        hint="rows need 'text', 'text'+'label', 'prompt'+'completion' or 'messages' "
+        "(or pass --format)",
+    )
+
+
+def peek_format(path: Path, fmt: str | None = None, task: str | None = None) -> tuple[str, str]:
+    """(format, task) of a data file, for choosing the task before the base is loaded."""
+    fmt = normalize_format(fmt)
+    if fmt is None:
+        fmt = detect_format(read_rows(path), Path(path), task)
+    return fmt, task or FORMAT_TASK[fmt]
+
+
+def _text_field(row: dict, name: str, path: Path, line: int, *, allow_empty: bool = False) -> str:
+    if name not in row or row[name] is None:
+        raise DataError("missing field", file=path, line=line, field=name)
+    value = row[name]
+    if not isinstance(value, str):
+        raise DataError(
+            f"expected a string, got {type(value).__name__}", file=path, line=line, field=name
+        )
+    if not allow_empty and not value.strip():
+        raise DataError("empty text", file=path, line=line, field=name)
+    return value
+
+
+def _label_value(row: dict, path: Path, line: int, csv_like: bool) -> str | int:
+    if "label" not in row or row["label"] is None:
+        raise DataError("missing field", file=path, line=line, field="label")
+    value = row["label"]
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise DataError(
+            f"a label must be a string or an integer, got {type(value).__name__}",
+            file=path,
+            line=line,
+            field="label",
+        )
+    if isinstance(value, str):
+        value = value.strip()
+        if not value:
+            raise DataError("empty label", file=path, line=line, field="label")
+        if csv_like and value.lstrip("-").isdigit():
+            return int(value)  # CSV has no types: "1" is the integer label 1
+    return value
+
+
+def _messages(row: dict, path: Path, line: int) -> list[dict]:
+    if "messages" not in row or row["messages"] is None:
+        raise DataError("missing field", file=path, line=line, field="messages")
+    messages = row["messages"]
+    if isinstance(messages, str):  # CSV / Parquet may carry the list as JSON text
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            raise DataError(
+                "not a JSON list of messages", file=path, line=line, field="messages"
+            ) from None
+    if not isinstance(messages, list) or not messages:
+        raise DataError(
+            "expected a non-empty list of messages", file=path, line=line, field="messages"
+        )
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise DataError("each message must be an object", file=path, line=line, field=where)
+        if msg.get("role") not in ROLES:
+            raise DataError(
+                f"role must be one of {', '.join(ROLES)}",
+                file=path,
+                line=line,
+                field=f"{where}.role",
+            )
+        _text_field(msg, "content", path, line, allow_empty=msg["role"] != "assistant")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(
+            "no assistant message to learn from", file=path, line=line, field="messages"
+        )
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+# --- tokenization -------------------------------------------------------------------------------
+
+
+def _encode(tokenizer, text: str, *, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _chat_example(
+    tokenizer, messages: list[dict], path: Path, line: int
+) -> tuple[list[int], list[int]]:
+    """Token ids of a rendered conversation and labels that keep only assistant tokens.
+
+    Assistant spans are found by rendering the conversation prefix by prefix (the text before a
+    turn with the generation prompt, then through the turn) and mapping characters to tokens.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            "this base's tokenizer has no chat template, so 'messages' data cannot be rendered",
+            hint="use prompt/completion rows, or a base with a chat template",
+        )
+
+    def render(msgs, generation_prompt=False) -> str:
+        return tokenizer.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    full = render(messages)
+    spans = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        start = len(render(messages[:i], generation_prompt=True)) if i else 0
+        end = len(render(messages[: i + 1]))
+        if not full.startswith(render(messages[: i + 1])):
+            raise DataError(
+                "the chat template does not render conversations prefix by prefix",
+                file=path,
+                line=line,
+                field="messages",
+            )
+        spans.append((start, end))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [IGNORE] * len(ids)
+    for k, (a, b) in enumerate(enc["offset_mapping"]):
+        if any(a >= s and b <= e and b > a for s, e in spans):
+            labels[k] = ids[k]
+    return ids, labels
+
+
+def tokenize_rows(
+    rows: list[tuple[int, dict]],
+    *,
+    path: Path,
+    fmt: str,
+    tokenizer,
+    max_length: int,
+    label_names: list[str] | None = None,
+) -> tuple[list[Example], list[str] | None]:
+    """Validate and tokenize rows; for classification also return the sorted label names."""
+    path = Path(path)
+    csv_like = path.suffix.lower() in (".csv", ".tsv")
+    eos = tokenizer.eos_token_id
+    examples: list[Example] = []
+    if fmt == "classification":
+        values = [(line, row, _label_value(row, path, line, csv_like)) for line, row in rows]
+        kinds = {type(v) for _, _, v in values}
+        if len(kinds) > 1:
+            line = next(ln for ln, _, v in values if type(v) is not type(values[0][2]))
+            raise DataError("labels mix strings and integers", file=path, line=line, field="label")
+        if label_names is None:
+            label_names = [str(v) for v in sorted({v for _, _, v in values})]
+            if len(label_names) < 2:
+                raise DataError(
+                    f"classification needs at least two labels, found {label_names}",
+                    file=path,
+                    field="label",
+                )
+        index = {name: i for i, name in enumerate(label_names)}
+        for line, row, value in values:
+            text = _text_field(row, "text", path, line)
+            if str(value) not in index:
+                raise DataError(
+                    f"unknown label '{value}' (known: {', '.join(label_names)})",
+                    file=path,
+                    line=line,
+                    field="label",
+                )
+            ids = list(tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
+            examples.append(Example(line=line, input_ids=ids, label=index[str(value)]))
+        return examples, label_names
+
+    for line, row in rows:
+        if fmt == "text":
+            ids = _encode(tokenizer, _text_field(row, "text", path, line), special=True) + [eos]
+            labels = list(ids)
+            prompt = completion = None
+        elif fmt == "prompt-completion":
+            prompt = _text_field(row, "prompt", path, line)
+            completion = _text_field(row, "completion", path, line)
+            p = _encode(tokenizer, prompt, special=True)
+            c = _encode(tokenizer, completion, special=False) + [eos]
+            ids, labels = p + c, [IGNORE] * len(p) + c
+        else:
+            ids, labels = _chat_example(tokenizer, _messages(row, path, line), path, line)
+            prompt = completion = None
+        ids, labels = ids[:max_length], labels[:max_length]
+        if all(label == IGNORE for label in labels):
+            raise DataError(
+                f"no tokens to learn from within max_length {max_length}",
+                file=path,
+                line=line,
+                field={"text": "text", "prompt-completion": "prompt", "chat": "messages"}[fmt],
+                hint="raise --max-length or shorten the row",
+            )
+        examples.append(
+            Example(line=line, input_ids=ids, labels=labels, prompt=prompt, completion=completion)
+        )
+    return examples, None
+
+
+def dataset_fingerprint(path: Path, fmt: str, tokenizer_fingerprint: str, max_length: int) -> str:
+    digest = hashlib.sha256()
+    digest.update(Path(path).read_bytes())
+    digest.update(
+        f"\0format:{fmt}|prompt-format:{PROMPT_FORMAT_VERSION}|max_length:{max_length}"
+        f"|tokenizer:{tokenizer_fingerprint}".encode()
+    )
+    return digest.hexdigest()
+
+
+def load_dataset(
+    path: Path,
+    *,
+    tokenizer,
+    task: str | None = None,
+    fmt: str | None = None,
+    max_length: int = 128,
+    labels: list[str] | None = None,
+    tokenizer_fingerprint: str = "",
+    limit: int | None = None,
+) -> Dataset:
+    """Read, validate and tokenize a data file. `labels` fixes the label set (an eval file)."""
+    path = Path(path)
+    rows = read_rows(path)
+    fmt = normalize_format(fmt) or detect_format(rows, path, task)
+    fmt_task = FORMAT_TASK[fmt]
+    if task is not None and task != fmt_task:
+        raise ConfigError(
+            f"{path}: '{fmt}' data is for {fmt_task}, not {task}",
+            hint="pass a matching --task or --format",
+        )
+    if limit is not None:
+        rows = rows[:limit]
+    examples, names = tokenize_rows(
+        rows, path=path, fmt=fmt, tokenizer=tokenizer, max_length=max_length, label_names=labels
+    )
+    return Dataset(
+        file=path,
+        format=fmt,
+        task=fmt_task,
+        examples=examples,
+        fingerprint=dataset_fingerprint(path, fmt, tokenizer_fingerprint, max_length),
+        labels=names,
+    )
+
+
+def split_dataset(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """A seeded held-out split: (train, eval), each non-empty."""
+    if not 0 < fraction < 1:
+        raise ConfigError(f"eval split must be between 0 and 1, got {fraction}")
+    n = len(dataset)
+    n_eval = max(1, round(n * fraction))
+    if n - n_eval < 1:
+        raise DataError(
+            f"{n} rows are too few to hold out {fraction:.0%} for evaluation",
+            file=dataset.file,
+            hint="add rows, or pass --eval-data FILE",
+        )
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    train = [e for i, e in enumerate(dataset.examples) if i not in held]
+    evals = [e for i, e in enumerate(dataset.examples) if i in held]
+    return replace(dataset, examples=train), replace(dataset, examples=evals)
+
+
+# --- batching -----------------------------------------------------------------------------------
+
+
+def collate(examples: list[Example], *, pad_id: int, task: str) -> dict[str, Any]:
+    """Right-padded tensors: input_ids, attention_mask, labels (-100 on padding for causal LM)."""
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        mask[i, : len(e.input_ids)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if task == "seq-cls":
+        batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.long)
+    else:
+        labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+        for i, e in enumerate(examples):
+            labels[i, : len(e.labels)] = torch.tensor(e.labels)
+        batch["labels"] = labels
+    return batch
+
+
+def batches(examples: list[Example], batch_size: int):
+    for i in range(0, len(examples), batch_size):
+        yield examples[i : i + batch_size]

@@ -1,0 +1,176 @@
+"""`adaptory train` and `adaptory eval`: thin layers over adapters.train and adapters.evaluate."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import click
+
+from adaptory.cli.main import App, pass_app
+
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def _metric_line(metrics: dict, task: str) -> str:
+    base = metrics.get("base") or {}
+    keys = ["accuracy", "macro_f1"] if task == "seq-cls" else ["eval_loss", "perplexity"]
+    if task != "seq-cls" and "exact_match" in metrics:
+        keys.append("exact_match")
+    parts = []
+    for key in keys:
+        if key in metrics:
+            was = f" (base {base[key]:.4g})" if key in base else ""
+            parts.append(f"{key} {metrics[key]:.4g}{was}")
+    return ", ".join(parts)
+
+
+@click.command("train")
+@click.option("--base", help="Base model: minilm, a base made with `adaptory base`, or a folder.")
+@click.option("--data", type=_FILE, help="Training data (.jsonl, .csv, .tsv, .parquet).")
+@click.option("--name", help="Registry name for the adapter (a new version if it exists).")
+@click.option(
+    "--task",
+    type=click.Choice(["causal-lm", "seq-cls"]),
+    help="Default: seq-cls if the data has a label column, else causal-lm.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["lora", "prefix", "prompt", "ia3"]),
+    help="Adapter kind.  [default: lora]",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=_FILE,
+    help="TOML file with any of these settings (flags given here override it).",
+)
+@click.option("--eval-data", type=_FILE, help="Held-out evaluation file.")
+@click.option(
+    "--eval-split",
+    type=float,
+    help="Hold out this share of --data for evaluation (seeded).  [default: 0.1 without "
+    "--eval-data; 0 = no evaluation]",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "prompt-completion", "chat", "classification"]),
+    help="Data format. Default: detected from the columns.",
+)
+@click.option(
+    "--quant", type=click.Choice(["nf4", "fp4", "int8", "none"]), help="Base quantization. [nf4]"
+)
+@click.option("--rank", type=int, help="LoRA rank.  [8]")
+@click.option("--alpha", type=float, help="LoRA alpha.  [16]")
+@click.option("--dropout", type=float, help="LoRA dropout.  [0.05]")
+@click.option("--target-modules", help="Comma-separated modules to adapt (LoRA, IA3).")
+@click.option("--dora/--no-dora", default=None, help="Weight-decomposed LoRA.")
+@click.option("--rslora/--no-rslora", default=None, help="Rank-stabilised LoRA scaling.")
+@click.option("--virtual-tokens", type=int, help="Prefix / prompt length.  [16]")
+@click.option("--prefix-projection/--no-prefix-projection", default=None, help="Prefix MLP.")
+@click.option(
+    "--lr",
+    type=float,
+    help="Learning rate. Default: per method and task (LoRA 2e-3, 5e-4 for seq-cls).",
+)
+@click.option("--epochs", type=int, help="Passes over the data.  [8]")
+@click.option("--max-steps", type=int, help="Optimizer steps (overrides --epochs).")
+@click.option("--batch-size", type=int, help="Rows per batch.  [8]")
+@click.option("--grad-accum", type=int, help="Batches per optimizer step.  [1]")
+@click.option("--grad-checkpointing/--no-grad-checkpointing", default=None)
+@click.option("--warmup", type=float, help="Warm-up: a share of steps (<1) or steps.  [0.1]")
+@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), help="[cosine]")
+@click.option("--weight-decay", type=float, help="AdamW weight decay.  [0]")
+@click.option("--max-grad-norm", type=float, help="Gradient clipping norm (0 = off).  [1.0]")
+@click.option("--eval-every", type=int, help="Evaluate every N steps.  [each epoch]")
+@click.option("--early-stopping", type=int, help="Stop after N evaluations without improvement.")
+@click.option("--checkpoint-every", type=int, help="Save a resumable checkpoint every N steps.")
+@click.option("--seed", type=int, help="[0]")
+@click.option("--max-length", type=int, help="Tokens per row (longer rows are cut).  [128]")
+@click.option(
+    "--output-dir", type=click.Path(file_okay=False), help="Run folder. [HOME/runs/NAME-TIME]"
+)
+@click.option(
+    "--resume",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[RUN_DIR]",
+    help="Continue an interrupted run (default: the latest) with its stored settings; other flags are ignored.",
+)
+@click.option("--tag", "tags", multiple=True, help="Tag the new version (repeatable).")
+@click.option("--description", help="A line saying what this adapter is for.")
+@click.option("--device", help="cpu, cuda, cuda:1 …  [cuda if available]")
+@click.option("--threads", type=int, help="CPU threads for torch.  [1: faster for adapters]")
+@click.option("--json", "as_json", is_flag=True, help="Print the new entry as JSON; no progress.")
+@pass_app
+def train_cmd(app: App, config_file, as_json, fmt, tags, **options) -> None:
+    """Train an adapter on a 4-bit base and add it to the registry.
+
+    \b
+    adaptory train --base minilm --data reviews.jsonl --name reviews
+    adaptory train --config examples/configs/shout.toml
+    adaptory train --resume            # continue the latest interrupted run
+    """
+    from adaptory.adapters.train import TrainConfig, train_adapter
+
+    options["format"] = fmt
+    options["tags"] = list(tags) or None
+    if config_file is not None:
+        config = TrainConfig.from_toml(config_file, **options)
+    else:
+        config = TrainConfig(**{k: v for k, v in options.items() if v is not None})
+    result = train_adapter(config, registry=app.registry, show_progress=not as_json)
+    entry = result.entry
+    if as_json:
+        app.out.print_json(json.dumps(entry.to_dict(), default=str))
+        return
+    line = _metric_line(result.metrics, entry.task)
+    app.out.print(
+        f"[green]trained[/] [bold]{entry.ref}[/] ({entry.method}, {entry.task}) in "
+        f"{result.wall_time_s:.0f}s, {result.steps} steps"
+        + (" (stopped early)" if result.stopped_early else "")
+    )
+    if line:
+        app.out.print(f"  {line}")
+    app.out.print(f"  stored as {entry.digest[:12]} in {app.home}; run folder {result.run_dir}")
+    hint = "predict" if entry.task == "seq-cls" else "generate"
+    app.out.print(f"  use it: adaptory {hint} {entry.ref} …   evaluate: adaptory eval {entry.ref}")
+
+
+@click.command("eval")
+@click.argument("ref")
+@click.option("--data", type=_FILE, required=True, help="Evaluation data file.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "prompt-completion", "chat", "classification"]),
+    help="Data format. Default: detected from the columns.",
+)
+@click.option("--limit", type=int, help="Only the first N rows.")
+@click.option("--no-record", is_flag=True, help="Do not store the result with the entry.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@pass_app
+def eval_cmd(app: App, ref, data, fmt, limit, no_record, as_json) -> None:
+    """Evaluate adapter REF on a data file; the result is stored under metrics.evals."""
+    from adaptory.adapters.evaluate import evaluate_entry
+
+    entry = app.registry.resolve(ref)
+    status = app.err.status(f"evaluating {entry.ref} on {data.name}")
+    with status if not as_json else contextlib.nullcontext():
+        metrics = evaluate_entry(
+            app.registry, entry.ref, data, fmt=fmt, record=not no_record, limit=limit
+        )
+    if as_json:
+        app.out.print_json(json.dumps({"ref": entry.ref, "data": str(data), "metrics": metrics}))
+        return
+    app.out.print(f"[bold]{entry.ref}[/] on {data} ({metrics['rows']} rows)")
+    app.out.print(f"  {_metric_line(metrics, entry.task)}")
+    if "confusion_matrix" in metrics:
+        cm = metrics["confusion_matrix"]
+        for name, row in zip(cm["labels"], cm["matrix"], strict=True):
+            app.out.print(f"  {name:>12}: {row}", highlight=False)
+    if not no_record:
+        app.out.print(f"  recorded under metrics.evals[{data.name!r}]", highlight=False)
