@@ -12,7 +12,10 @@ from adaptory.cli.main import cli
 
 
 def _walk(command: click.Command, path: list[str], ctx: click.Context | None):
-    ctx = click.Context(command, info_name=path[-1], parent=ctx, terminal_width=100)
+    # The root's context settings (-h as well as --help, width) as a real run applies them, so
+    # the page does not depend on which commands ran before in the same process.
+    settings = {**command.context_settings, "terminal_width": 100}
+    ctx = click.Context(command, info_name=path[-1], parent=ctx, **settings)
     yield path, command, ctx
     if isinstance(command, click.Group):
         for name in command.list_commands(ctx):
