@@ -66,6 +66,7 @@ def load_entry_model(registry, entry, *, quant: str | None = None, device: str =
         quant=quant or entry_quant(entry),
         device=device,
         labels=entry_labels(entry),
+        home=registry.home,
     )
     check_fingerprint(entry.base_fingerprint, loaded.fingerprint, what=entry.ref)
     model = PeftModel.from_pretrained(loaded.model, str(registry.files(entry)))

@@ -179,6 +179,7 @@ def load_adapter_model(
         device=device,
         labels=labels,
         seed=(entry.training_config or {}).get("seed", 0),
+        home=registry.home,
     )
     check_fingerprint(entry.base_fingerprint, base.fingerprint, what=entry.ref, force=force)
     keep_4bit_trainable(base.model)  # the same 4-bit kernels as training: comparable metrics

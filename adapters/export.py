@@ -300,13 +300,13 @@ def check_vllm(entry) -> None:
         )
 
 
-def vllm_base(entry) -> str:
+def vllm_base(entry, home=None) -> str:
     """What `vllm serve` takes as the model: the base's hub id, else its local folder."""
     from adaptory.adapters.base import resolve_base
     from adaptory.registry.errors import AdaptoryError
 
     try:
-        return resolve_base(entry.base_model).model_name
+        return resolve_base(entry.base_model, home).model_name
     except AdaptoryError:
         return entry.base_model
 
@@ -365,7 +365,7 @@ def export_vllm(registry, entries: list, out: Path, *, force: bool = False) -> V
         )
     out = Path(out)
     _check_out(out, force)
-    base = vllm_base(entries[0])
+    base = vllm_base(entries[0], registry.home)
     written = []
     try:
         for entry in entries:

@@ -394,6 +394,7 @@ def merged_folder(
         quant=entry_quant(first),
         device=device,
         labels=entry_labels(first),
+        home=registry.home,
     )
     check_fingerprint(first.base_fingerprint, loaded.fingerprint, what=first.ref)
     names = [f"parent{i}" for i in range(len(parents))]

@@ -169,7 +169,7 @@ class Runtime:
             )
         labels = _PLACEHOLDER_LABELS if task == "seq-cls" else None
         self.base: LoadedBase = loaded_base or load_base(
-            base_ref, task=task, quant=quant, device=device, labels=labels
+            base_ref, task=task, quant=quant, device=device, labels=labels, home=registry.home
         )
         self.task = self.base.task
         self.model = self.base.model

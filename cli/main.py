@@ -130,6 +130,19 @@ class LazyGroup(click.Group):
 def cli(ctx: click.Context, home: Path | None, debug: bool) -> None:
     """Adaptory: train, keep, merge and serve many small adapters on one 4-bit base model."""
     ctx.obj = App(home_option=home, debug=debug)
+    if not debug:
+        quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Silence notices that tell users nothing they can act on (set before the libraries load):
+    bitsandbytes' search for optional hub kernels at import, transformers' deprecation notes."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
 
 
 def render_error(err: Console, exc: AdaptoryError) -> None:
