@@ -31,6 +31,6 @@ def test_every_base_loading_command_uses_the_home_option(tmp_path, test_corpus, 
     run("eval", "ab", "--data", str(data))
     out = json.loads(run("generate", "ab", "Shout: the cat\nAnswer:", "--max-new-tokens", "3",
                          "--json"))  # fmt: skip
-    assert out["model"] == "ab" and 1 <= out["usage"]["completion_tokens"] <= 3
+    assert out["model"] == "ab:1" and 1 <= out["usage"]["completion_tokens"] <= 3
     run("export", "ab", "--format", "vllm", "--out", str(tmp_path / "vllm"))
     assert not (adaptory_home / "catalog.db").exists()  # nothing went to ADAPTORY_HOME
