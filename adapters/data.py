@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import random
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -79,8 +80,49 @@ class Dataset:
 # --- reading ----------------------------------------------------------------------------------
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".parquet")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
+
+
+def is_hub_source(source: str | Path) -> bool:
+    """A data source that is no local path but reads as NAME or ORG/NAME[:SPLIT] (a hub dataset)."""
+    path = Path(source)
+    if path.exists() or path.suffix.lower() in DATA_SUFFIXES:  # a mistyped file stays a file
+        return False
+    return bool(_HUB_NAME.match(str(source)))
+
+
+def source_label(source: str | Path) -> str:
+    """How a data source is recorded with an entry: the absolute path, or the hub name."""
+    return str(source) if is_hub_source(source) else str(Path(source).resolve())
+
+
+def _read_hub(name: str) -> list[tuple[int, dict]]:
+    """Rows of a `datasets` hub dataset (row numbers stand in for lines); needs a network."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"'{name}' is not a file here, and hub datasets need the `datasets` package",
+            hint="pip install datasets (where a network exists), or pass a local data file",
+        ) from None
+    repo, _, split = name.partition(":")
+    try:
+        table = datasets.load_dataset(repo, split=split or "train")
+    except Exception as exc:  # offline, unknown name, no such split
+        raise DataError(
+            f"hub dataset '{repo}' (split {split or 'train'}) is not available here: "
+            f"{type(exc).__name__}",
+            hint="offline: save it where a network exists as .jsonl or .parquet and pass that",
+        ) from None
+    return [(i, dict(row)) for i, row in enumerate(table, start=1)]
+
+
 def read_rows(path: Path) -> list[tuple[int, dict]]:
-    """(line, row) pairs of a .jsonl/.json/.csv/.tsv/.parquet file; DataError on anything bad."""
+    """(line, row) pairs of a .jsonl/.json/.csv/.tsv/.parquet file, or of a hub dataset
+    (NAME or ORG/NAME[:SPLIT], when no such file exists); DataError on anything bad."""
+    if is_hub_source(path):
+        return _read_hub(str(path))
     path = Path(path)
     if not path.is_file():
         raise DataError("data file does not exist", file=path)
@@ -382,9 +424,14 @@ def tokenize_rows(
     return examples, None
 
 
-def dataset_fingerprint(path: Path, fmt: str, tokenizer_fingerprint: str, max_length: int) -> str:
+def dataset_fingerprint(
+    path: Path, fmt: str, tokenizer_fingerprint: str, max_length: int, rows: list | None = None
+) -> str:
     digest = hashlib.sha256()
-    digest.update(Path(path).read_bytes())
+    if is_hub_source(path):  # no file to hash: hash the rows as read
+        digest.update(json.dumps([r for _, r in rows or []], sort_keys=True, default=str).encode())
+    else:
+        digest.update(Path(path).read_bytes())
     digest.update(
         f"\0format:{fmt}|prompt-format:{PROMPT_FORMAT_VERSION}|max_length:{max_length}"
         f"|tokenizer:{tokenizer_fingerprint}".encode()
@@ -423,7 +470,7 @@ def load_dataset(
         format=fmt,
         task=fmt_task,
         examples=examples,
-        fingerprint=dataset_fingerprint(path, fmt, tokenizer_fingerprint, max_length),
+        fingerprint=dataset_fingerprint(path, fmt, tokenizer_fingerprint, max_length, rows),
         labels=names,
     )
 

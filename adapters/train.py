@@ -783,15 +783,17 @@ def _train(config: TrainConfig, *, registry, show_progress: bool, on_step) -> Tr
     wall = time.perf_counter() - started
     entry = None
     if accelerator.is_main_process:
+        from adaptory.adapters.data import source_label
+
         dataset = {
-            "file": str(Path(config.data).resolve()),
+            "file": source_label(config.data),
             "format": train_ds.format,
             "fingerprint": train_ds.fingerprint,
             "rows_train": len(train_ds),
             "rows_eval": len(eval_ds) if eval_ds is not None else 0,
         }
         if config.eval_data:
-            dataset["eval_file"] = str(Path(config.eval_data).resolve())
+            dataset["eval_file"] = source_label(config.eval_data)
         else:
             dataset["eval_split"] = config.held_out_fraction
         extra = {

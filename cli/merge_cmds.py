@@ -7,22 +7,8 @@ import json
 import click
 from rich.table import Table
 
+from adaptory.adapters.merge import COMBINATIONS  # torch-free at import time
 from adaptory.cli.main import App, pass_app
-
-# Kept in step with adaptory.adapters.merge (not imported here: it would import torch).
-COMBINATIONS = (
-    "linear",
-    "cat",
-    "svd",
-    "ties",
-    "ties_svd",
-    "dare_linear",
-    "dare_ties",
-    "dare_linear_svd",
-    "dare_ties_svd",
-    "magnitude_prune",
-    "magnitude_prune_svd",
-)
 
 
 def _weights(ctx, param, value: str | None) -> list[float] | None:

@@ -13,6 +13,7 @@ from rich.tree import Tree
 from adaptory.cli.main import App, pass_app
 from adaptory.registry import Entry, Registry
 from adaptory.registry.errors import AdaptoryError, BadInput
+from adaptory.registry.report import human_size
 
 KEY_METRICS = ("accuracy", "f1", "eval_accuracy", "eval_loss", "perplexity", "loss")
 LIST_JSON_FIELDS = (
@@ -25,16 +26,6 @@ MAX_LINEAGE_DEPTH = 8
 def echo_json(value: object) -> None:
     """Plain JSON on stdout (never rich-highlighted or wrapped), so scripts can parse it."""
     click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
-
-
-def human_size(size: int) -> str:
-    """Bytes as a short human string: 5.3 kB, 12.0 MB."""
-    value = float(size)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{size} B"
 
 
 def key_metric(metrics: dict) -> str:

@@ -28,7 +28,11 @@ def _metric_line(metrics: dict, task: str) -> str:
 
 @click.command("train")
 @click.option("--base", help="Base model: minilm, a base made with `adaptory base`, or a folder.")
-@click.option("--data", type=_FILE, help="Training data (.jsonl, .csv, .tsv, .parquet).")
+@click.option(
+    "--data",
+    help="Training data (.jsonl, .csv, .tsv, .parquet), or a hub dataset NAME or ORG/NAME[:SPLIT] "
+    "(needs the `datasets` package and a network).",
+)
 @click.option("--name", help="Registry name for the adapter (a new version if it exists).")
 @click.option(
     "--task",
@@ -46,7 +50,7 @@ def _metric_line(metrics: dict, task: str) -> str:
     type=_FILE,
     help="TOML file with any of these settings (flags given here override it).",
 )
-@click.option("--eval-data", type=_FILE, help="Held-out evaluation file.")
+@click.option("--eval-data", help="Held-out evaluation file (or hub dataset, as --data).")
 @click.option(
     "--eval-split",
     type=float,

@@ -119,6 +119,7 @@ def write_report(entries: Sequence[Entry], path: Path, **options: object) -> Pat
 
 
 def human_size(size: int) -> str:
+    """Bytes as a short human string: 5.3 kB, 12.0 MB."""
     value = float(size)
     for unit in ("B", "kB", "MB", "GB"):
         if value < 1000 or unit == "GB":

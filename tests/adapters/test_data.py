@@ -180,3 +180,27 @@ def test_row_too_long_for_max_length(tmp_path, llama_tok):
     with pytest.raises(DataError) as info:
         load_dataset(f, tokenizer=llama_tok, max_length=16)
     assert info.value.line == 1 and info.value.field == "prompt"
+
+
+def test_a_hub_name_needs_datasets_and_a_mistyped_file_stays_a_file(tmp_path, monkeypatch):
+    import builtins
+
+    from adaptory.adapters.data import is_hub_source, read_rows
+    from adaptory.registry.errors import DataError
+
+    monkeypatch.chdir(tmp_path)
+    assert is_hub_source("imdb") and is_hub_source("org/reviews:test")
+    assert not is_hub_source("reviews.jsonl") and not is_hub_source("a/b/c")
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):  # as on a machine without the package
+        if name == "datasets":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(DataError, match="is not a file here") as raised:
+        read_rows("org/reviews:test")
+    assert "pip install datasets" in raised.value.hint
+    with pytest.raises(DataError, match="does not exist"):
+        read_rows("reviews.jsonl")
