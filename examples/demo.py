@@ -83,7 +83,7 @@ def train_all(home: Path) -> None:
         adaptory(
             home, "train", "--base", "minilm", "--name", domain,
             "--data", str(DATA / domain / "train.jsonl"),
-            "--eval-data", str(DATA / domain / "eval.jsonl"),
+            "--eval-data", str(DATA / domain / "eval.jsonl"), "--epochs", "4",
             "--description", f"{domain} classifier (demo)",
         )  # fmt: skip
     step("3. Generation: LoRA and prefix adapters on the from-scratch base")
@@ -91,7 +91,7 @@ def train_all(home: Path) -> None:
         adaptory(
             home, "train", "--base", GEN_BASE, "--name", name, "--method", method,
             "--data", str(DATA / dataset / "train.jsonl"),
-            "--eval-data", str(DATA / dataset / "eval.jsonl"),
+            "--eval-data", str(DATA / dataset / "eval.jsonl"), "--epochs", "5",
             "--description", f"{dataset} ({method}, demo)",
         )  # fmt: skip
 
