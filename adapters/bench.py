@@ -795,6 +795,23 @@ def plot_serve(result: dict, out: Path) -> Path:
 # --- serve over HTTP -----------------------------------------------------------------------
 
 
+def wait_healthy(url: str, server, log: Path, *, timeout: float = 120) -> None:
+    """Wait for a started `adaptory serve` to answer /health; RuntimeError if it exits or not."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"adaptory serve exited ({server.returncode}); see {log}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"adaptory serve did not become healthy in {timeout:.0f}s; see {log}")
+
+
 def bench_http(
     settings: BenchSettings,
     *,
@@ -838,18 +855,7 @@ def bench_http(
         server = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"adaptory serve exited ({server.returncode}); see {log}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"adaptory serve did not become healthy; see {log}")
-            time.sleep(0.3)
+        wait_healthy(url, server, log, timeout=120)
         prompt = "the cat sat on the mat and the dog ran to the park"
         for entry in entries:  # load every adapter once, untimed
             httpx.post(

@@ -82,22 +82,6 @@ def start_server(home: Path, base: str, port: int, log: Path, max_adapters: int)
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
-def wait_ready(url: str, proc, log: Path, timeout: float = 180) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("server did not become ready")
-
-
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -178,7 +162,9 @@ def soak(clients: int, requests: int, max_adapters: int, base_dir: Path | None, 
         log = root / "server.log"
         proc = start_server(home, base, port, log, max_adapters)
         try:
-            wait_ready(url, proc, log)
+            from adaptory.adapters.bench import wait_healthy
+
+            wait_healthy(url, proc, log, timeout=180)
             models = names + [f"base:{base}"]
             # references: each (model, prompt) sent alone, one at a time, before the load
             reference = {}
