@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from adaptory.cli.main import App, pass_app
+from adaptory.cli.main import App, pass_app, styled
 
 
 @click.group("base")
@@ -62,8 +62,12 @@ def base_init(app: App, name, arch, size, corpus, seed, out, force) -> None:
     with app.err.status(f"building {arch} {size} base '{name}'"):
         _, _, info = init_base(target, arch=arch, size=size, corpus=list(corpus) or None, seed=seed)
     app.out.print(
-        f"[green]made[/] base [bold]{name}[/] ({info['params']:,} params, "
-        f"vocab {info['vocab_size']}) at {target}"
+        styled(
+            ("made", "green"),
+            " base ",
+            (name, "bold"),
+            f" ({info['params']:,} params, vocab {info['vocab_size']}) at {target}",
+        )  # fmt: skip
     )
     app.out.print(f"use it with: adaptory train --base {target if out else name} …")
 
@@ -111,9 +115,13 @@ def base_pretrain(
         app.out.print_json(json.dumps(result))
         return
     app.out.print(
-        f"[green]pretrained[/] base [bold]{name}[/] ({result['params']:,} params) at {target}: "
-        f"loss {result['first_loss']:.2f} → {result['final_loss']:.2f} "
-        f"in {result['wall_time_s']:.0f}s"
+        styled(
+            ("pretrained", "green"),
+            " base ",
+            (name, "bold"),
+            f" ({result['params']:,} params) at {target}: loss {result['first_loss']:.2f} → "
+            f"{result['final_loss']:.2f} in {result['wall_time_s']:.0f}s",
+        )  # fmt: skip
     )
 
 
@@ -156,6 +164,7 @@ def doctor_report(home: Path) -> dict:
     report["four_bit"] = _four_bit_works()
     report["home"] = str(home)
     report["home_writable"] = _writable(home)
+    report["catalog"] = _catalog_state(home)
     from adaptory.adapters.base import BUILTIN_BASES
 
     minilm = BUILTIN_BASES["minilm"].locate()
@@ -180,6 +189,26 @@ def _four_bit_works() -> str:
         return f"no ({type(exc).__name__}: {exc})"
 
 
+def _catalog_state(home: Path) -> dict:
+    """The catalog's health, entries, and stored adapters it does not reference."""
+    from adaptory.registry import Registry
+    from adaptory.registry.errors import AdaptoryError
+
+    registry = Registry(home)
+    state: dict = {"path": str(registry.catalog.path), "exists": registry.catalog.exists()}
+    try:
+        state["problems"] = registry.catalog_problems()
+        state["entries"] = None if state["problems"] else len(registry.list())
+        loose = None if state["problems"] else registry.unreferenced()
+    except AdaptoryError as exc:  # e.g. a missing catalog next to stored adapters
+        state["problems"], state["entries"], loose = [exc.message], None, None
+    state["blobs"] = len(registry.store.digests())
+    state["unreferenced_removed"] = len(loose.collectable) if loose else None
+    state["unreferenced_unknown"] = len(loose.unknown) if loose else None
+    state["ok"] = not state["problems"] and not (loose and loose.unknown)
+    return state
+
+
 def _writable(home: Path) -> bool:
     probe = home if home.exists() else home.parent
     while not probe.exists():
@@ -193,12 +222,34 @@ def _writable(home: Path) -> bool:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @pass_app
 def doctor_cmd(app: App, as_json: bool) -> None:
-    """Versions, CUDA, whether 4-bit quantization works here, and where the home is."""
+    """Versions, CUDA, whether 4-bit works here, the home, and the catalog's health.
+
+    Exits 1 when the catalog is damaged or stored adapters are missing from it."""
     report = doctor_report(app.home)
     if as_json:
-        app.out.print_json(json.dumps(report))
+        click.echo(json.dumps(report, indent=2))
+        if not report["catalog"]["ok"]:
+            raise SystemExit(1)
         return
     table = Table("check", "value", show_header=False)
     for key, value in report.items():
+        if key == "catalog":
+            continue
         table.add_row(key, str(value))
+    catalog = report["catalog"]
+    if catalog["ok"]:
+        summary = f"ok: {catalog['entries']} entries, {catalog['blobs']} stored adapters"
+        if catalog["unreferenced_removed"]:
+            summary += f" ({catalog['unreferenced_removed']} removed, freed by `adaptory gc`)"
+        table.add_row("catalog", summary)
+    else:
+        found = list(catalog["problems"])
+        if catalog["unreferenced_unknown"]:
+            found.append(
+                f"{catalog['unreferenced_unknown']} stored adapters are not in the catalog "
+                "(`adaptory verify` lists them)"
+            )
+        table.add_row("catalog", styled(("DAMAGED: ", "bold red"), "; ".join(found)))
     app.out.print(table)
+    if not catalog["ok"]:
+        raise SystemExit(1)

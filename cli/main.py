@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "rm": "registry_cmds:rm_cmd",
     "verify": "registry_cmds:verify_cmd",
     "gc": "registry_cmds:gc_cmd",
+    "recover": "registry_cmds:recover_cmd",
     "export": "export_cmd:export_cmd",
     "base": "base_cmds:base_group",
     "doctor": "base_cmds:doctor_cmd",
@@ -45,8 +46,8 @@ COMMANDS: dict[str, str] = {
 
 EXIT_CODES_HELP = """\b
 Exit codes: 0 ok · 1 failed (or `verify` found damage) · 2 bad input or usage ·
-3 not found · 4 stored files altered · 5 base mismatch · 6 storage (disk full) ·
-130 interrupted."""
+3 not found · 4 stored files or catalog damaged · 5 base mismatch ·
+6 storage (disk full, read-only home) · 130 interrupted."""
 
 
 @dataclass
@@ -55,8 +56,10 @@ class App:
 
     home_option: Path | None = None
     debug: bool = False
-    out: Console = field(default_factory=lambda: Console(soft_wrap=True))
-    err: Console = field(default_factory=lambda: Console(stderr=True, soft_wrap=True))
+    # markup=False: names, paths, labels and messages are user text, never Rich markup (a name
+    # containing "[/]" would crash the printer); styles are given explicitly with `styled`.
+    out: Console = field(default_factory=lambda: Console(soft_wrap=True, markup=False))
+    err: Console = field(default_factory=lambda: Console(stderr=True, soft_wrap=True, markup=False))
 
     @cached_property
     def home(self) -> Path:
@@ -104,10 +107,10 @@ class LazyGroup(click.Group):
             app = ctx.find_object(App)
             if app is not None and app.debug:
                 raise
-            render_error(Console(stderr=True, soft_wrap=True), exc)
+            render_error(Console(stderr=True, soft_wrap=True, markup=False), exc)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
-            Console(stderr=True).print("[red]interrupted[/]")
+            Console(stderr=True, markup=False).print(styled(("interrupted", "red")))
             ctx.exit(130)
 
 
@@ -145,10 +148,18 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
 
 
+def styled(*parts: str | tuple[str, str]):
+    """Console text from plain strings and (text, style) pairs; nothing in it is parsed as
+    markup, so user text (names, paths, labels, messages) prints exactly as it is."""
+    from rich.text import Text
+
+    return Text.assemble(*parts)
+
+
 def render_error(err: Console, exc: AdaptoryError) -> None:
-    err.print(f"[bold red]error:[/] {exc.message}", highlight=False, markup=True)
+    err.print(styled(("error:", "bold red"), " ", exc.message), highlight=False)
     if exc.hint:
-        err.print(f"[dim]hint:[/] {exc.hint}", highlight=False)
+        err.print(styled(("hint:", "dim"), " ", exc.hint), highlight=False)
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import click
 from rich.table import Table
 from rich.tree import Tree
 
-from adaptory.cli.main import App, pass_app
+from adaptory.cli.main import App, pass_app, styled
 from adaptory.registry import Entry, Registry
 from adaptory.registry.errors import AdaptoryError, BadInput
 from adaptory.registry.report import human_size
@@ -88,8 +88,12 @@ def import_cmd(
         return
     tags_text = f" [{', '.join(entry.tags)}]" if entry.tags else ""
     app.out.print(
-        f"imported [bold]{entry.ref}[/]{tags_text}  {entry.method or '?'} · {entry.task or '?'} · "
-        f"{human_size(entry.size_bytes)} · sha256:{entry.digest[:12]}",
+        styled(
+            "imported ",
+            (entry.ref, "bold"),
+            f"{tags_text}  {entry.method or '?'} · {entry.task or '?'} · "
+            f"{human_size(entry.size_bytes)} · sha256:{entry.digest[:12]}",
+        ),  # fmt: skip
         highlight=False,
     )
 
@@ -182,7 +186,7 @@ def show_cmd(app: App, ref: str, as_json: bool, plot: Path | None) -> None:
         echo_json(data)
         return
     out = app.out
-    out.print(f"[bold]{entry.ref}[/]  {entry.description or ''}", highlight=False)
+    out.print(styled((entry.ref, "bold"), f"  {entry.description or ''}"), highlight=False)
     out.print(fields_table(entry))
     out.print(dict_table("PEFT config", peft_summary(entry.peft_config)))
     for title, values in (("training config", entry.training_config), ("dataset", entry.dataset)):
@@ -362,28 +366,65 @@ def rm_cmd(app: App, ref: str, yes: bool) -> None:
 @click.pass_context
 @pass_app
 def verify_cmd(app: App, ctx: click.Context, ref: str | None) -> None:
-    """Re-hash stored files (all entries, or REF); exit 1 listing every damaged entry."""
+    """Check the catalog and re-hash stored files (all entries, or REF).
+
+    Without REF it also runs SQLite's integrity check on catalog.db and lists stored adapters no
+    entry references. Exits 1 listing every damaged entry, a damaged catalog, or stored adapters
+    the catalog has no record of (a lost or replaced catalog)."""
     problems = app.registry.verify(ref)
-    if problems:
-        for problem in problems:
-            app.err.print(f"[bold red]damaged:[/] {problem}", highlight=False)
+    for problem in problems:
+        app.err.print(styled(("damaged:", "bold red"), f" {problem}"), highlight=False)
+    unknown: list[str] = []
+    if ref is None and not any(p.entry_ref == "catalog.db" for p in problems):
+        loose = app.registry.unreferenced()
+        unknown = loose.unknown
+        for digest in unknown:
+            app.err.print(
+                styled(
+                    ("not in the catalog:", "bold red"), f" {app.registry.store.path_for(digest)}"
+                ),
+                highlight=False,
+            )
+        if unknown:
+            app.err.print(
+                styled(
+                    ("hint:", "dim"),
+                    " re-catalog one with `adaptory import <folder> --name NAME`; "
+                    "`adaptory gc --orphans` deletes them",
+                )
+            )
+        if loose.collectable:
+            app.out.print(
+                f"{len(loose.collectable)} removed adapter(s) still on disk; `adaptory gc` frees them",
+                highlight=False,
+            )
+    if problems or unknown:
         ctx.exit(1)
     count = 1 if ref is not None else len(app.registry.list())
     app.out.print(f"{count} {'entry' if count == 1 else 'entries'} verified", highlight=False)
 
 
 @click.command("gc")
+@click.option(
+    "--orphans",
+    is_flag=True,
+    help="Also delete stored adapters the catalog has no record of (see `adaptory verify`).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_app
-def gc_cmd(app: App, as_json: bool) -> None:
-    """Delete stored files no entry references, and temp folders older than an hour."""
-    result = app.registry.gc()
+def gc_cmd(app: App, orphans: bool, as_json: bool) -> None:
+    """Delete the files of removed entries, and temp folders older than an hour.
+
+    Refuses to run on a damaged catalog. Stored adapters the catalog has no record of are kept
+    (and listed) unless --orphans is given."""
+    result = app.registry.gc(orphans=orphans)
     if as_json:
         echo_json(
             {
                 "removed_blobs": result.removed_blobs,
                 "removed_temp": result.removed_temp,
                 "freed_bytes": result.freed_bytes,
+                "kept_unknown": result.kept_unknown,
             }
         )
         return
@@ -392,3 +433,45 @@ def gc_cmd(app: App, as_json: bool) -> None:
         f"freed {human_size(result.freed_bytes)}",
         highlight=False,
     )
+    if result.kept_unknown:
+        app.err.print(
+            styled(
+                ("kept:", "yellow"),
+                f" {len(result.kept_unknown)} stored adapter(s) the catalog has no record of; "
+                "`adaptory verify` lists them, `adaptory gc --orphans` deletes them",
+            ),
+            highlight=False,
+        )
+
+
+@click.command("recover")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_app
+def recover_cmd(app: App, yes: bool, as_json: bool) -> None:
+    """Re-catalog stored adapters a lost or damaged catalog no longer lists.
+
+    A damaged or missing catalog.db is moved aside (kept as catalog.db.damaged-<time>) and a new
+    one started; every stored adapter the catalog does not list becomes an entry named
+    recovered-<digest>. Names, tags and metrics lived only in the catalog and are not recovered."""
+    if not yes and stdin_is_interactive():
+        click.confirm("re-catalog the stored adapters of this home?", abort=True)
+    result = app.registry.recover()
+    if as_json:
+        echo_json(
+            {
+                "moved_aside": str(result.moved_aside) if result.moved_aside else None,
+                "recovered": [e.ref for e in result.recovered],
+                "skipped": result.skipped,
+            }
+        )
+        return
+    if result.moved_aside:
+        app.err.print(f"moved the damaged catalog to {result.moved_aside}", highlight=False)
+    for entry in result.recovered:
+        app.out.print(
+            f"recovered {entry.ref}  {entry.method or '?'} · {entry.task or '?'}", highlight=False
+        )
+    for line in result.skipped:
+        app.err.print(styled(("skipped:", "yellow"), f" {line}"), highlight=False)
+    app.out.print(f"{len(result.recovered)} adapter(s) recovered", highlight=False)

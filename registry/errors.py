@@ -82,6 +82,12 @@ class IntegrityError(AdaptoryError):
     exit_code = 4
 
 
+class CatalogDamaged(IntegrityError):
+    """`catalog.db` is missing, truncated or corrupt while adapters are stored; exit code 4.
+
+    Nothing that deletes or recreates stored data runs on such a catalog."""
+
+
 class BaseMismatch(AdaptoryError):
     """An adapter was made for another base (fingerprint differs); exit code 5."""
 

@@ -1,8 +1,12 @@
 """The registry: a home folder holding `catalog.db` and `blobs/`, and every operation on it.
 
-`add` validates a PEFT folder, stages a hashed copy, then (under `home/.lock` and one SQLite
-transaction) renames it into the blob store and inserts the row; an entry is visible only once
-that transaction commits, so a crash at any point leaves the whole entry or nothing.
+`add` validates a PEFT folder, stages a hashed copy, then (under `home/.lock`) records the
+digest as pending, renames the copy into the blob store and inserts the row in one SQLite
+transaction; an entry is visible only once that transaction commits, so a crash at any point
+leaves the whole entry or nothing. `gc` deletes a blob only when no entry references it and the
+catalog says why (pending from an `add` that never finished, released by `rm`); it refuses to
+run on a damaged catalog, and a catalog is never created over a home that already has blobs.
+Reads take no lock and write nothing, so they work on a read-only home.
 """
 
 from __future__ import annotations
@@ -10,10 +14,12 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import sqlite3
 import sys
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import filelock
@@ -28,7 +34,9 @@ from adaptory.registry.catalog import Catalog, now_iso
 from adaptory.registry.entry import Entry
 from adaptory.registry.errors import (
     AdapterNotFound,
+    AdaptoryError,
     BadInput,
+    CatalogDamaged,
     IntegrityError,
     InvalidAdapter,
     StorageError,
@@ -54,11 +62,32 @@ class Problem:
 
 @dataclass(frozen=True)
 class GcResult:
-    """What `gc` deleted: unreferenced blob folders, stale temp folders and the bytes freed."""
+    """What `gc` deleted (unreferenced blob folders, stale temp folders, bytes freed) and the
+    unreferenced blobs it kept because the catalog does not know why they are there."""
 
     removed_blobs: int
     freed_bytes: int
     removed_temp: int = 0
+    kept_unknown: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What `recover` did: where the old catalog went, the entries it made, what it skipped."""
+
+    moved_aside: Path | None
+    recovered: list[Entry]
+    skipped: list[str]
+
+
+@dataclass(frozen=True)
+class Unreferenced:
+    """Blob folders no entry references: `collectable` ones the catalog released or never
+    finished adding (`gc` deletes them); `unknown` ones it has no record of (a lost or replaced
+    catalog; `gc --orphans` deletes them, `import` re-catalogs one)."""
+
+    collectable: list[str]
+    unknown: list[str]
 
 
 def method_from_peft_type(peft_type: str | None) -> str | None:
@@ -107,9 +136,15 @@ class Registry:
                 f"the registry at {self.home} stayed locked for {LOCK_TIMEOUT_SECONDS} s",
                 hint="another adaptory process is writing; try again when it has finished",
             ) from exc
+        except OSError as exc:  # a read-only home cannot hold the lock file
+            raise StorageError(
+                f"cannot write to the registry home {self.home}: {exc.strerror or exc}",
+                hint="reading works on a read-only home; writing needs write permission",
+            ) from exc
 
     def _ensure_ready(self) -> None:
-        """Create the home, the catalog (WAL) and apply migrations, once per Registry object."""
+        """Before a write: create the home and the catalog (WAL) and apply migrations, once per
+        Registry object; never create a catalog over a home that already holds adapters."""
         if self._ready:
             return
         try:
@@ -119,8 +154,49 @@ class Registry:
                 f"cannot create the registry home {self.home}: {exc.strerror or exc}"
             ) from exc
         with self._locked():
-            self.catalog.initialize()
+            self._refuse_to_replace_a_catalog()
+            applied = self.catalog.initialize()
+            if "m004_blob_lifecycle" in applied and "m001_entries" not in applied:
+                self._release_blobs_unreferenced_before_upgrade()
         self._ready = True
+
+    def _refuse_to_replace_a_catalog(self) -> None:
+        """A missing, emptied or table-less catalog next to stored blobs is damage, not a new home:
+        creating an empty catalog there would make `list` show nothing and `gc` delete them all."""
+        if self.catalog.exists():
+            with self.catalog.reading(read_only=not self.catalog.writable()) as conn:
+                if self.catalog.version(conn):
+                    return
+        count = len(self.store.digests())
+        if count:
+            what = "has no tables" if self.catalog.exists() else "is missing or empty"
+            raise CatalogDamaged(
+                f"{self.catalog.path} {what}, but {self.store.objects} holds {count} stored "
+                f"adapter{'s' if count != 1 else ''}; refusing to start a new catalog over them",
+                hint="nothing was changed; restore catalog.db from a backup, or run `adaptory "
+                "recover` to start a new catalog listing them as recovered-<digest>",
+            )
+
+    def _release_blobs_unreferenced_before_upgrade(self) -> None:
+        """Catalogs made before blob records existed: what was garbage then stays collectable."""
+        with self.catalog.writing() as conn:
+            for digest in self.store.digests() - self.catalog.digests(conn):
+                self.catalog.mark_released(conn, digest)
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """A catalog connection for reads: no lock, nothing written unless migrations are due,
+        read-only (immutable) when the home cannot be written, an empty catalog when none exists."""
+        if not self.catalog.exists():
+            self._refuse_to_replace_a_catalog()
+            with self.catalog.empty() as conn:
+                yield conn
+            return
+        writable = self.catalog.writable()
+        if writable and not self._ready:
+            self._ensure_ready()  # applies pending migrations
+        with self.catalog.reading(read_only=not writable) as conn:
+            yield conn
 
     # writing -------------------------------------------------------------------------------
 
@@ -170,6 +246,8 @@ class Registry:
             _check_unchanged(staged, src_dir, config)
             _pause_for_tests("staged")
             with self._locked():
+                with self.catalog.writing() as conn:
+                    self.catalog.mark_pending(conn, staged.digest)
                 self.store.publish(staged)
                 _pause_for_tests("published")
                 with self.catalog.writing() as conn:
@@ -183,6 +261,7 @@ class Registry:
                         "size_bytes": staged.size_bytes,
                     }
                     entry_id = self.catalog.insert(conn, row)
+                    self.catalog.mark_referenced(conn, staged.digest)
                     for tag in tags:
                         self.catalog.set_tag(conn, name, tag, entry_id)
                     _pause_for_tests("inserted")
@@ -219,6 +298,7 @@ class Registry:
         with self.catalog.writing() as conn:
             entry = self._resolve_in(conn, ref)
             self.catalog.delete(conn, entry.id)
+            self.catalog.mark_released(conn, entry.digest)
         return entry
 
     def update(
@@ -245,21 +325,136 @@ class Registry:
                 self.catalog.update_fields(conn, entry.id, changes)
         return self._by_id(entry.id)
 
-    def gc(self) -> GcResult:
-        """Delete blobs no entry references and temp folders older than an hour (holds the lock)."""
+    def gc(self, *, orphans: bool = False) -> GcResult:
+        """Delete unreferenced blobs the catalog released (or never finished adding) and temp
+        folders older than an hour, under the lock. With `orphans`, also blobs the catalog has no
+        record of. Refuses on a damaged catalog, or when an entry's own blob is missing (a
+        damaged digest: one of the unreferenced blobs may be that entry's)."""
         self._ensure_ready()
         with self._locked():
             with self.catalog.reading() as conn:
+                damage = self.catalog.health(conn)
+                if damage:
+                    raise CatalogDamaged(
+                        f"gc refused: {self.catalog.path} is damaged ({damage[0]})",
+                        hint="nothing was deleted; `adaptory verify` lists the damage",
+                    )
                 referenced = self.catalog.digests(conn)
-            blobs, temp, freed = self.store.collect(referenced)
-        return GcResult(removed_blobs=blobs, freed_bytes=freed, removed_temp=temp)
+                known = self.catalog.collectable(conn)
+                history = self.catalog.has_history(conn)
+            stored = self.store.digests()
+            unreferenced = stored - referenced
+            garbage = unreferenced & known
+            unknown = unreferenced - known
+            if orphans and unknown:
+                self._check_orphans_deletable(referenced, stored, history)
+                garbage, unknown = unreferenced, set()
+            blobs, temp, freed = self.store.collect(garbage)
+            with self.catalog.writing() as conn:
+                self.catalog.forget_blobs(
+                    conn, (known & referenced) | (known - self.store.digests())
+                )
+        return GcResult(
+            removed_blobs=blobs, freed_bytes=freed, removed_temp=temp, kept_unknown=sorted(unknown)
+        )
+
+    def _check_orphans_deletable(self, referenced: set, stored: set, history: bool) -> None:
+        missing = sorted(referenced - stored)
+        if missing:
+            raise CatalogDamaged(
+                f"gc --orphans refused: {len(missing)} entr{'y' if len(missing) == 1 else 'ies'} "
+                f"point at blobs that are not there (e.g. {missing[0][:12]}…), so an "
+                "unreferenced blob may be one of them",
+                hint="nothing was deleted; `adaptory verify` lists the damaged entries",
+            )
+        if not referenced and not history:
+            raise CatalogDamaged(
+                "gc --orphans refused: this catalog has never held an entry, so every stored "
+                "blob would be deleted",
+                hint="nothing was deleted; if the catalog was lost, restore it or re-import the "
+                "blobs first (docs/REGISTRY.md, 'A damaged catalog')",
+            )
+
+    def recover(self) -> Recovery:
+        """Re-catalog stored adapters the catalog has lost. On a sound catalog, each unknown blob
+        becomes an entry; on a missing or damaged one, the old file is moved aside (kept, never
+        deleted), a new catalog is started and every stored adapter becomes an entry. Entries
+        are named `recovered-<digest[:12]>`; metadata that lived only in the catalog is gone."""
+        moved_aside = None
+        if self.catalog.exists() and not self.catalog_problems_or_missing():
+            digests = self.unreferenced().unknown
+        else:
+            moved_aside = self._move_catalog_aside()
+            digests = sorted(self.store.digests())
+        recovered, skipped = [], []
+        for digest in digests:
+            folder = self.store.path_for(digest)
+            try:
+                recovered.append(
+                    self.add(
+                        folder,
+                        name=f"recovered-{digest[:12]}",
+                        description=f"recovered on {now_iso()[:10]} from blobs/sha256/{digest}",
+                    )
+                )
+            except AdaptoryError as exc:
+                skipped.append(f"{digest[:12]}…: {exc.message}")
+        return Recovery(moved_aside=moved_aside, recovered=recovered, skipped=skipped)
+
+    def catalog_problems_or_missing(self) -> list[str]:
+        try:
+            with self.catalog.reading(read_only=not self.catalog.writable()) as conn:
+                if not self.catalog.version(conn):
+                    return ["the catalog has no tables"]
+        except CatalogDamaged as exc:
+            return [exc.message]
+        return self.catalog_problems()
+
+    def _move_catalog_aside(self) -> Path | None:
+        """Rename catalog.db (and its WAL files) to catalog.db.damaged-<time>; start a new one."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            stamp = now_iso()[:19].replace(":", "")
+            aside = None
+            for suffix in ("", "-wal", "-shm"):
+                path = Path(f"{self.catalog.path}{suffix}")
+                if path.exists():
+                    target = Path(f"{self.catalog.path}.damaged-{stamp}{suffix}")
+                    try:
+                        os.rename(path, target)
+                    except OSError as exc:
+                        raise StorageError(
+                            f"cannot move {path} aside: {exc.strerror or exc}; nothing was changed"
+                        ) from exc
+                    aside = aside or target
+            self.catalog.initialize()
+            self._ready = True
+        return aside
+
+    def unreferenced(self) -> Unreferenced:
+        """Blob folders no entry references, split by whether `gc` would delete them."""
+        with self._reading() as conn:
+            referenced = self.catalog.digests(conn)
+            known = self.catalog.collectable(conn) if _has_table(conn, "pending_blobs") else set()
+        loose = self.store.digests() - referenced
+        return Unreferenced(collectable=sorted(loose & known), unknown=sorted(loose - known))
+
+    def catalog_problems(self) -> list[str]:
+        """SQLite's integrity check and each row's digest against its file list ([] if sound)."""
+        if not self.catalog.exists():
+            self._refuse_to_replace_a_catalog()
+            return []
+        try:
+            with self._reading() as conn:
+                return self.catalog.health(conn)
+        except CatalogDamaged as exc:
+            return [exc.message]
 
     # reading -------------------------------------------------------------------------------
 
     def resolve(self, ref: str | Entry) -> Entry:
         """The entry a reference names: `NAME` (latest), `NAME:3` or `NAME:tag`."""
-        self._ensure_ready()
-        with self.catalog.reading() as conn:
+        with self._reading() as conn:
             return self._resolve_in(conn, ref)
 
     def list(
@@ -271,7 +466,6 @@ class Registry:
         name: str | None = None,
     ) -> list[Entry]:
         """Entries ordered by name and version, optionally filtered by base model, task, tag, name."""
-        self._ensure_ready()
         conditions, params = [], []
         for column, value in (("base_model", base), ("task", task), ("name", name)):
             if value is not None:
@@ -280,7 +474,7 @@ class Registry:
         if tag is not None:
             conditions.append("e.id IN (SELECT entry_id FROM tags WHERE tag = ?)")
             params.append(tag)
-        with self.catalog.reading() as conn:
+        with self._reading() as conn:
             return self.catalog.select(conn, " AND ".join(conditions), tuple(params))
 
     def files(self, entry_or_ref: str | Entry, *, verify: bool = True) -> Path:
@@ -297,9 +491,17 @@ class Registry:
         return self.store.path_for(entry.digest)
 
     def verify(self, ref: str | None = None) -> list[Problem]:
-        """Re-hash every entry's files (or one entry's); one Problem per damaged entry."""
+        """Check the catalog (SQLite's integrity check, each row's digest) and re-hash every
+        entry's files (or one entry's); one Problem per damaged entry or catalog fault."""
+        problems: list[Problem] = []
+        if ref is None:
+            problems = [Problem("catalog.db", p) for p in self.catalog_problems()]
+            if problems and any(
+                p.message.startswith(("SQLite", str(self.catalog.path))) for p in problems
+            ):
+                return problems  # rows cannot be trusted (or read) on a corrupt file
         entries = [self.resolve(ref)] if ref is not None else self.list()
-        problems, checked = [], {}
+        checked: dict[str, list[str]] = {}
         for entry in entries:
             if entry.digest not in checked:
                 checked[entry.digest] = self.store.check(entry.digest, entry.files)
@@ -311,7 +513,7 @@ class Registry:
     # helpers -------------------------------------------------------------------------------
 
     def _by_id(self, entry_id: int) -> Entry:
-        with self.catalog.reading() as conn:
+        with self._reading() as conn:
             found = self.catalog.select(conn, "e.id = ?", (entry_id,))
         if not found:
             raise AdapterNotFound(f"entry #{entry_id} no longer exists")
@@ -354,6 +556,15 @@ class Registry:
             f"did you mean {', '.join(close)}?" if close else "`adaptory list` shows what is stored"
         )
         return AdapterNotFound(f"no adapter named {name!r}", hint=hint)
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return (
+        conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+        ).fetchone()
+        is not None
+    )
 
 
 def _check_storable(values: dict) -> None:

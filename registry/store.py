@@ -227,14 +227,22 @@ class BlobStore:
             return f"{name} is altered (sha256 {actual.sha256[:12]}…, expected {expected.sha256[:12]}…)"
         return None
 
+    def digests(self) -> set[str]:
+        """The digests of every blob folder in the store."""
+        try:
+            return {p.name for p in self.objects.iterdir()} if self.objects.is_dir() else set()
+        except OSError as exc:
+            raise StorageError(f"cannot list {self.objects}: {exc.strerror or exc}") from exc
+
     def collect(
-        self, referenced: set[str], *, stale_after: float = STALE_TEMP_SECONDS
+        self, garbage: set[str], *, stale_after: float = STALE_TEMP_SECONDS
     ) -> tuple[int, int, int]:
-        """Delete unreferenced blobs and stale temp folders; return (blobs, temp folders, bytes). Call under the lock."""
+        """Delete the blobs named in `garbage` and stale temp folders; return (blobs, temp
+        folders, bytes). The caller decides what is garbage; call under the lock."""
         removed_blobs = removed_temp = freed = 0
         if self.objects.is_dir():
             for blob in sorted(self.objects.iterdir()):
-                if blob.name in referenced:
+                if blob.name not in garbage:
                     continue
                 freed += _tree_size(blob)
                 self._set_aside(blob)

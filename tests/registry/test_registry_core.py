@@ -26,18 +26,21 @@ def writable(path):
     return path
 
 
-def test_registry_creates_its_home_lazily(tmp_path):
+def test_registry_creates_its_home_on_the_first_write_and_reads_write_nothing(tmp_path, folders):
     home = tmp_path / "home"
     reg = Registry(home)
-    assert not home.exists()
     assert reg.list() == []
+    assert not home.exists()  # a read never creates anything
+    reg.add(folders[0], name="a")
     assert (home / "catalog.db").is_file()
     import sqlite3
 
     with sqlite3.connect(home / "catalog.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         names = [r[0] for r in conn.execute("SELECT name FROM schema_version ORDER BY name")]
-    assert names == ["m001_entries", "m002_tags", "m003_version_counters"]
+    assert names == [
+        "m001_entries", "m002_tags", "m003_version_counters", "m004_blob_lifecycle",
+    ]  # fmt: skip
     assert Registry(home).catalog.initialize() == []
 
 
