@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from adaptory.cli.main import App, pass_app
+from adaptory.cli.main import App, pass_app, styled
 
 
 def _common(fn):
@@ -250,9 +250,9 @@ def render(app: App, result: dict) -> None:
             ratios.add_row(name, f"{value:.2f}×")
         app.out.print(ratios)
     for name, ok in result.get("targets", {}).items():
-        app.out.print(f"{'[green]met[/]' if ok else '[red]missed[/]'}  {name}")
+        app.out.print(styled(("met", "green") if ok else ("missed", "red"), f"  {name}"))
     for note in result.get("notes", []):
-        app.out.print(f"[dim]{note}[/]", highlight=False)
+        app.out.print(styled((note, "dim")), highlight=False)
 
 
 def _render_memory(app: App, title: str, r: dict) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from adaptory.cli.main import App
+from adaptory.cli.main import App, styled
 from adaptory.registry.errors import BadInput
 
 
@@ -36,12 +36,14 @@ def export_merged_cmd(app: App, ref, out: Path, force, dtype, from_weights, as_j
         click.echo(json.dumps(result.to_dict(), indent=2, sort_keys=True, default=str))
         return
     app.out.print(
-        f"[green]exported[/] {entry.ref} merged into its base ({result.from_weights}, {dtype}) "
-        f"to {result.path}",
+        styled(
+            ("exported", "green"),
+            f" {entry.ref} merged into its base ({result.from_weights}, {dtype}) to {result.path}",
+        ),
         highlight=False,
     )
     if result.note:
-        app.err.print(f"[yellow]note:[/] {result.note}", highlight=False)
+        app.err.print(styled(("note:", "yellow"), f" {result.note}"), highlight=False)
     table = Table(title=f"merged model vs the adapter ({result.verification['prompts']} prompts)")
     table.add_column("reference")
     table.add_column("max |Δlogit|", justify="right")

@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 
 from adaptory.adapters.merge import COMBINATIONS  # torch-free at import time
-from adaptory.cli.main import App, pass_app
+from adaptory.cli.main import App, pass_app, styled
 
 
 def _weights(ctx, param, value: str | None) -> list[float] | None:
@@ -101,16 +101,23 @@ def merge_cmd(
         return
     weights_text = ", ".join(f"{p['ref']}×{p['weight']:g}" for p in entry.parents)
     app.out.print(
-        f"[green]merged[/] {weights_text} with {result.spec.method} → [bold]{entry.ref}[/] "
-        f"(r={entry.peft_config.get('r')})",
+        styled(
+            ("merged", "green"),
+            f" {weights_text} with {result.spec.method} → ",
+            (entry.ref, "bold"),
+            f" (r={entry.peft_config.get('r')})",
+        ),  # fmt: skip
         highlight=False,
     )
     error = result.fidelity["weighted_sum_rel_error"]
     app.out.print(f"distance from Σ wᵢ·ΔWᵢ: {error:.3g} (relative)", highlight=False)
     if result.spec.method in SEPARATE_AB:
         app.err.print(
-            f"[yellow]note:[/] {result.spec.method} averages the A and B factors separately, so "
-            "ΔW carries cross terms between adapters; use cat or svd for exact weighted sums",
+            styled(
+                ("note:", "yellow"),
+                f" {result.spec.method} averages the A and B factors separately, so ΔW carries "
+                "cross terms between adapters; use cat or svd for exact weighted sums",
+            ),
             highlight=False,
         )
     if result.metrics:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from adaptory.cli.main import App, pass_app
+from adaptory.cli.main import App, pass_app, styled
 
 
 @click.command("report")
@@ -36,4 +36,7 @@ def report_cmd(app: App, out: Path, open_it: bool) -> None:
     count = f"{len(entries)} adapter{'s' if len(entries) != 1 else ''}"
     app.out.print(f"wrote {path} ({count})", highlight=False)
     if open_it and not webbrowser.open(path.resolve().as_uri()):
-        app.err.print(f"[yellow]could not open a browser;[/] open {path} yourself", highlight=False)
+        app.err.print(
+            styled(("could not open a browser;", "yellow"), f" open {path} yourself"),
+            highlight=False,
+        )

@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from adaptory.cli.main import App, pass_app
+from adaptory.cli.main import App, pass_app, styled
 
 BASE_PREFIX = "base:"
 
@@ -142,7 +142,7 @@ def chat_cmd(
 
     runtime, adapter = _runtime_for(app, ref, base, quant, device, force, task="causal-lm")
     messages = [{"role": "system", "content": system}] if system else []
-    app.err.print(f"[dim]chatting with {adapter or runtime.base_ref}; /exit to quit[/]")
+    app.err.print(styled((f"chatting with {adapter or runtime.base_ref}; /exit to quit", "dim")))
     while True:
         try:
             line = input("> " if sys.stdin.isatty() else "")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from adaptory.cli.main import App, pass_app
+from adaptory.cli.main import App, pass_app, styled
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
@@ -133,9 +133,13 @@ def train_cmd(app: App, config_file, as_json, fmt, tags, **options) -> None:
         return
     line = _metric_line(result.metrics, entry.task)
     app.out.print(
-        f"[green]trained[/] [bold]{entry.ref}[/] ({entry.method}, {entry.task}) in "
-        f"{result.wall_time_s:.0f}s, {result.steps} steps"
-        + (" (stopped early)" if result.stopped_early else "")
+        styled(
+            ("trained", "green"),
+            " ",
+            (entry.ref, "bold"),
+            f" ({entry.method}, {entry.task}) in {result.wall_time_s:.0f}s, {result.steps} steps"
+            + (" (stopped early)" if result.stopped_early else ""),
+        )  # fmt: skip
     )
     if line:
         app.out.print(f"  {line}")
@@ -170,7 +174,7 @@ def eval_cmd(app: App, ref, data, fmt, limit, no_record, as_json) -> None:
     if as_json:
         app.out.print_json(json.dumps({"ref": entry.ref, "data": str(data), "metrics": metrics}))
         return
-    app.out.print(f"[bold]{entry.ref}[/] on {data} ({metrics['rows']} rows)")
+    app.out.print(styled((entry.ref, "bold"), f" on {data} ({metrics['rows']} rows)"))
     app.out.print(f"  {_metric_line(metrics, entry.task)}")
     if "confusion_matrix" in metrics:
         cm = metrics["confusion_matrix"]

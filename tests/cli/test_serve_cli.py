@@ -85,3 +85,22 @@ def test_serve_help_mentions_the_safe_defaults():
     result = CliRunner().invoke(cli, ["serve", "--help"])
     assert result.exit_code == 0
     assert "127.0.0.1" in result.output and "ADAPTORY_API_KEY" in result.output
+
+
+def test_labels_and_names_print_as_written_never_as_markup(tmp_path, tiny_bert_dir, monkeypatch):
+    """User text is never Rich markup: a label '[red]evil[/red]' prints with its brackets, and a
+    path containing '[/]' (which once crashed the error printer) appears in the error."""
+    monkeypatch.setenv("ADAPTORY_HOME", str(tmp_path / "home"))
+    labels = ["[red]evil[/red]", "[/]"]
+    folder = make_classifier(tiny_bert_dir, tmp_path / "c", seed=4, labels=labels)
+    register(
+        Registry(tmp_path / "home"), folder, "marked", tiny_bert_dir, task="seq-cls", labels=labels
+    )
+    runner = CliRunner()
+    table = runner.invoke(cli, ["predict", "marked", "great product"], terminal_width=200)
+    assert table.exit_code == 0, (table.output, table.exception)
+    assert "[red]evil[/red]" in table.output and "[/]" in table.output
+    missing = runner.invoke(cli, ["import", str(tmp_path / "no[/]such[bold]"), "--name", "x"])
+    assert missing.exit_code == 2, (missing.output, missing.exception)
+    assert isinstance(missing.exception, SystemExit)
+    assert "no[/]such[bold]" in missing.output
