@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import resource
 import shutil
@@ -30,7 +31,7 @@ from typing import Any
 
 from adaptory.adapters.base import QUANTS, TASKS
 from adaptory.adapters.methods import get_method
-from adaptory.registry.errors import AdaptoryError, ConfigError
+from adaptory.registry.errors import AdaptoryError, ConfigError, IntegrityError
 
 SCHEDULES = ("cosine", "linear", "constant")
 # Exact match needs one forward pass per generated token: cap the rows it runs on.
@@ -228,6 +229,7 @@ def runs_dir(home: Path) -> Path:
 
 
 def find_run(home: Path, resume: str) -> Path:
+    """The run folder to resume: a path or run name, or ("") the latest interrupted run."""
     if resume:
         run = Path(resume).expanduser()
         if not run.is_dir():
@@ -235,26 +237,58 @@ def find_run(home: Path, resume: str) -> Path:
             run = candidate if candidate.is_dir() else run
     else:
         runs = sorted(
-            (p for p in runs_dir(home).glob("*") if (p / "config.json").is_file()),
+            (
+                p
+                for p in runs_dir(home).glob("*")
+                if (p / "config.json").is_file() and not (p / "result.json").is_file()
+            ),
             key=lambda p: p.stat().st_mtime,
         )
+        runs = [p for p in runs if any((p / name).is_dir() for name in CHECKPOINT_FOLDERS)]
         if not runs:
-            raise ConfigError(f"no runs to resume in {runs_dir(home)}")
+            raise ConfigError(f"no interrupted runs to resume in {runs_dir(home)}")
         run = runs[-1]
     if not (run / "config.json").is_file():
         raise ConfigError(f"{run} is not a training run folder (no config.json)")
     if (run / "result.json").is_file():
         ref = json.loads((run / "result.json").read_text()).get("ref")
         raise ConfigError(f"run {run.name} already finished (registered as {ref})")
-    if not (run / "checkpoint" / "state.json").is_file():
-        raise ConfigError(f"{run} has no checkpoint to resume from")
+    find_checkpoint(run)  # refuses now, with the reason, if no usable checkpoint is there
     return run
+
+
+# A checkpoint is written into checkpoint.tmp, then checkpoint -> checkpoint.old and
+# checkpoint.tmp -> checkpoint; a kill between those renames leaves two complete copies.
+CHECKPOINT_FOLDERS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")
+CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt")
+
+
+def _write_synced(path: Path, write) -> dict:
+    """Write a file with `write(path)`, fsync it, and return its size and sha256."""
+    import hashlib
+
+    write(path)
+    digest = hashlib.sha256()
+    with open(path, "rb+") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+        os.fsync(fh.fileno())
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(
     run_dir: Path, *, model, optimizer, scheduler, rng: dict, state: dict, best: dict | None
 ) -> None:
-    """Atomically replace run_dir/checkpoint (temp folder + rename)."""
+    """Replace run_dir/checkpoint atomically and durably: every file fsynced, state.json (with
+    each file's size and sha256) written last, folders renamed, the run folder fsynced."""
     import torch
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -265,35 +299,114 @@ def save_checkpoint(
     weights = {
         k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()
     }
-    save_file(weights, str(tmp / "adapter_model.safetensors"))
+    files = {
+        "adapter_model.safetensors": _write_synced(
+            tmp / "adapter_model.safetensors", lambda p: save_file(weights, str(p))
+        ),
+        "optimizer.pt": _write_synced(
+            tmp / "optimizer.pt", lambda p: torch.save(optimizer.state_dict(), p)
+        ),
+        "scheduler.pt": _write_synced(
+            tmp / "scheduler.pt", lambda p: torch.save(scheduler.state_dict(), p)
+        ),
+        "rng.pt": _write_synced(tmp / "rng.pt", lambda p: torch.save(rng, p)),
+    }
     if best is not None:
-        save_file(best, str(tmp / "best_adapter.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    final = run_dir / "checkpoint"
-    old = run_dir / "checkpoint.old"
+        files["best_adapter.safetensors"] = _write_synced(
+            tmp / "best_adapter.safetensors", lambda p: save_file(best, str(p))
+        )
+    _write_synced(
+        tmp / "state.json", lambda p: p.write_text(json.dumps({**state, "files": files}, indent=1))
+    )
+    _fsync_dir(tmp)
+    final, old = run_dir / "checkpoint", run_dir / "checkpoint.old"
+    shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
     tmp.rename(final)
+    _fsync_dir(run_dir)
     shutil.rmtree(old, ignore_errors=True)
 
 
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (None if it is complete and intact)."""
+    import hashlib
+
+    try:
+        state = json.loads((folder / "state.json").read_text())
+    except FileNotFoundError:
+        return "no state.json (incomplete)"
+    except (OSError, ValueError) as exc:
+        return f"state.json is unreadable ({exc})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return "state.json has no step"
+    files = state.get("files")
+    if not isinstance(files, dict):  # written before checkpoints recorded their files
+        missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+        return f"{missing[0]} is missing" if missing else None
+    for name, record in sorted(files.items()):
+        path = folder / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if size != record.get("size"):
+            return f"{name} is truncated or altered ({size} of {record.get('size')} bytes)"
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != record.get("sha256"):
+            return f"{name} is altered (sha256 differs)"
+    return None
+
+
+def find_checkpoint(run_dir: Path) -> Path:
+    """The run's newest intact checkpoint folder (see CHECKPOINT_FOLDERS); IntegrityError naming
+    what is wrong with each copy when none is usable."""
+    usable, problems = [], []
+    for name in CHECKPOINT_FOLDERS:
+        folder = run_dir / name
+        if not folder.is_dir():
+            continue
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            usable.append((json.loads((folder / "state.json").read_text())["step"], folder))
+        else:
+            problems.append(f"{name}/{problem}")
+    if usable:
+        return max(usable, key=lambda item: item[0])[1]
+    if not problems:
+        raise ConfigError(f"{run_dir} has no checkpoint to resume from")
+    raise IntegrityError(
+        f"{run_dir} has no usable checkpoint: {'; '.join(problems)}",
+        hint="start the run again without --resume",
+    )
+
+
 def load_checkpoint(run_dir: Path, *, model, optimizer, scheduler) -> tuple[dict, dict | None]:
-    """Restore adapter, optimizer, scheduler and RNG; return (state, best adapter weights)."""
+    """Restore adapter, optimizer, scheduler and RNG from the newest intact checkpoint; return
+    (state, best adapter weights)."""
     import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    ckpt = run_dir / "checkpoint"
-    set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
-    best_file = ckpt / "best_adapter.safetensors"
-    best = load_file(str(best_file)) if best_file.is_file() else None
-    return json.loads((ckpt / "state.json").read_text()), best
+    ckpt = find_checkpoint(run_dir)
+    try:
+        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
+        best_file = ckpt / "best_adapter.safetensors"
+        best = load_file(str(best_file)) if best_file.is_file() else None
+        state = json.loads((ckpt / "state.json").read_text())
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError) as exc:
+        raise IntegrityError(
+            f"{ckpt} cannot be restored ({type(exc).__name__}: {str(exc)[:200]})",
+            hint="start the run again without --resume",
+        ) from exc
+    state.pop("files", None)
+    return state, best
 
 
 def rng_state() -> dict:

@@ -137,7 +137,7 @@ def test_missing_options_and_nothing_to_resume(adaptory_home):
     result = run(adaptory_home, "train", "--name", "x")
     assert result.exit_code == 2 and "--base" in result.output
     result = run(adaptory_home, "train", "--resume")
-    assert result.exit_code == 2 and "no runs to resume" in result.output
+    assert result.exit_code == 2 and "no interrupted runs to resume" in result.output
 
 
 def test_help_lists_every_setting():
