@@ -452,8 +452,20 @@ def _keep_one_head(model, names: list[str]) -> None:
                     del module.modules_to_save[name]
 
 
+def delta_weight_fp64(module, adapter: str):
+    """scale · B·A of one LoRA layer in float64 on the CPU. PEFT's get_delta_weight multiplies in
+    the layer's dtype on its device: TF32 on CUDA puts ~3e-3 of error into an exact `cat`."""
+    import torch
+
+    a = module.lora_A[adapter].weight.detach().to("cpu", torch.float64)
+    b = module.lora_B[adapter].weight.detach().to("cpu", torch.float64)
+    delta = (b @ a) * float(module.scaling[adapter])
+    return delta.T if getattr(module, "fan_in_fan_out", False) else delta
+
+
 def measure_fidelity(model, parents: list[str], weights: Sequence[float], merged: str) -> dict:
-    """Relative Frobenius distance (over all adapted modules) of the merged ΔW from Σ w_i·ΔW_i."""
+    """Relative Frobenius distance (over all adapted modules) of the merged ΔW from Σ w_i·ΔW_i,
+    computed in float64 on the CPU whatever the model's device and dtype."""
     import torch
     from peft.tuners.lora import LoraLayer
 
@@ -466,9 +478,9 @@ def measure_fidelity(model, parents: list[str], weights: Sequence[float], merged
             expected = None
             for adapter, weight in zip(parents, weights, strict=True):
                 if adapter in module.scaling:
-                    delta = module.get_delta_weight(adapter).double() * weight
+                    delta = delta_weight_fp64(module, adapter) * weight
                     expected = delta if expected is None else expected + delta
-            got = module.get_delta_weight(merged).double()
+            got = delta_weight_fp64(module, merged)
         if expected is None:
             continue
         err += float(((got - expected) ** 2).sum())

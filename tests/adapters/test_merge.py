@@ -152,3 +152,50 @@ def test_diff_sorts_modules_by_distance(registry, tiny_llama_dir):
     assert only_b and all(m.norm_a == 0 and m.cosine is None for m in only_b)
     same = diff_adapters(registry, "a", "a")
     assert same.config == [] and all(m.cosine == pytest.approx(1.0) for m in same.modules)
+
+
+def _tf32(x):
+    """Round float32 values to TF32's 10-bit mantissa, as CUDA's TF32 matmuls do to inputs."""
+    import torch
+
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def test_the_cat_check_does_not_use_the_device_matmul(tiny_llama_dir, tmp_path, monkeypatch):
+    """On CUDA, PEFT's get_delta_weight runs B·A as a TF32 matmul (~3e-3 off), which made the
+    automatic check refuse every exact `cat`. No CPU runs TF32, so PEFT's product is replaced
+    by a faithful emulation (inputs rounded to 10 mantissa bits); the check, done in float64
+    from A and B, must not move."""
+    import torch
+    from peft import PeftModel
+    from peft.tuners.lora import layer as lora_layer
+    from serving_helpers import make_lora
+    from transformers import AutoModelForCausalLM
+
+    from adaptory.adapters.merge import EXACT_TOLERANCE, measure_fidelity
+
+    def tf32_delta(self, adapter):
+        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        return (_tf32(b) @ _tf32(a)) * self.scaling[adapter]
+
+    folders = [make_lora(tiny_llama_dir, tmp_path / f"p{i}", seed=i) for i in (1, 2)]
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(folders[0]), adapter_name="a")
+    model.load_adapter(str(folders[1]), adapter_name="b")
+    model.add_weighted_adapter(["a", "b"], [0.7, 0.3], "merged", combination_type="cat")
+    monkeypatch.setattr(lora_layer.Linear, "get_delta_weight", tf32_delta)
+    rel = measure_fidelity(model, ["a", "b"], [0.7, 0.3], "merged")["weighted_sum_rel_error"]
+    assert rel < EXACT_TOLERANCE / 100, rel
+    # what the check computed before (PEFT's product, then float64) is over the tolerance
+    err = ref = 0.0
+    for module in model.modules():
+        if isinstance(module, lora_layer.Linear) and "merged" in module.lora_A:
+            with torch.no_grad():
+                got = module.get_delta_weight("merged").double()
+                want = sum(
+                    w * module.get_delta_weight(n).double() for n, w in (("a", 0.7), ("b", 0.3))
+                )
+            err += float(((got - want) ** 2).sum())
+            ref += float((want**2).sum())
+    assert (err / ref) ** 0.5 > EXACT_TOLERANCE
