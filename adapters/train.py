@@ -526,6 +526,18 @@ class BatchPlan:
         return out
 
 
+def loss_targets(batch: dict, task: str, *, shifted: bool = True) -> int:
+    """How many targets the model's mean loss on a collated batch averages over: its rows for
+    seq-cls; for a causal LM its label tokens after the shift by one (nothing predicts the first
+    position), or all of them when PEFT prompt tuning puts virtual tokens before the first."""
+    from adaptory.adapters.data import IGNORE
+
+    labels = batch["labels"]
+    if task == "seq-cls":
+        return len(labels)
+    return int((labels[:, 1:] if shifted else labels).ne(IGNORE).sum())
+
+
 def make_scheduler(optimizer, schedule: str, warmup_steps: int, total_steps: int):
     from torch.optim.lr_scheduler import LambdaLR
 
@@ -784,6 +796,7 @@ def _train(config: TrainConfig, *, registry, show_progress: bool, on_step) -> Tr
     torch.use_deterministic_algorithms(True, warn_only=True)
     stopped_early = False
     pad = tokenizer.pad_token_id
+    shifted = method.peft_type != "PROMPT_TUNING"
     try:
         with (
             StopRequest() as stop,
@@ -801,17 +814,26 @@ def _train(config: TrainConfig, *, registry, show_progress: bool, on_step) -> Tr
                     checkpoint(rng)
                     raise KeyboardInterrupt
                 t0 = time.perf_counter()
-                micro = plan.step(step)
+                micro = [
+                    collate([train_ds.examples[i] for i in rows], pad_id=pad, task=task)
+                    for rows in plan.step(step)
+                ]
+                # Each micro-batch's mean loss weighs by its share of the step's targets, so the
+                # step's loss is the mean over all of them, as one batch of the same rows gives.
+                targets = [loss_targets(batch, task, shifted=shifted) for batch in micro]
                 step_loss, step_tokens = 0.0, 0
                 try:
-                    for j, rows in enumerate(micro):
-                        batch = collate([train_ds.examples[i] for i in rows], pad_id=pad, task=task)
+                    for j, batch in enumerate(micro):
                         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                         step_tokens += int(batch["attention_mask"].sum())
                         sync = j == len(micro) - 1
                         ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
                         with ctx:
-                            loss = model(**batch).loss / len(micro)
+                            out = model(**batch)
+                            if targets[j]:
+                                loss = out.loss * (targets[j] / sum(targets))
+                            else:  # rows cut to no targets: mean over none is NaN; add nothing
+                                loss = out.logits.sum() * 0.0  # still backward, for DDP's sync
                             accelerator.backward(loss)
                         step_loss += float(loss.detach())
                     if config.max_grad_norm:
