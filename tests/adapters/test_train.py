@@ -132,6 +132,30 @@ def test_trains_every_task_and_method(
     if data_kind == "cls":
         assert entry.extra["labels"] == ["neg", "pos"]
         assert set(result.metrics["confusion_matrix"]) == {"labels", "matrix"}
+    # Training moved the stored adapter off its initialisation: LoRA B starts at zero, IA3
+    # scales at one, prompt/prefix embeddings at PEFT's random init from the seed (rebuilt here).
+    import torch
+    from peft import PeftConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    folder = registry.files(entry.ref)
+    stored = load_file(str(folder / "adapter_model.safetensors"))
+    peft_config = PeftConfig.from_pretrained(str(folder))
+    peft_config.inference_mode = False
+    if data_kind == "cls":
+        fresh = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=2)
+    else:
+        fresh = AutoModelForCausalLM.from_pretrained(str(base))
+    torch.manual_seed(0)  # the run's seed, set just before PEFT builds the adapter
+    init = get_peft_model_state_dict(get_peft_model(fresh, peft_config))
+    checked = [k for k in stored if "lora_B" in k or "ia3_l" in k or k == "prompt_embeddings"]
+    assert checked
+    # 3 Adam steps move a stored weight by at most ~3·lr (a rebuilt init that missed the run's
+    # would be ~1 away); prefix_projection stores the MLP's output, which moves further.
+    limit = math.inf if extra.get("prefix_projection") else 4 * entry.training_config["lr"]
+    for key in checked:
+        assert 0 < float((stored[key] - init[key]).abs().max()) < limit, key
 
 
 def test_registry_record_fields(registry, shout, tiny_llama_dir):
