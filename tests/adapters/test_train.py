@@ -374,8 +374,8 @@ QUALITY_DIR = REPO / "examples" / "data" / "reviews"
 
 @pytest.mark.slow
 def test_minilm_lora_quality_bar(registry, tmp_path):
-    """Default settings, ~50 reviews, ~25 held-out reviews by another writer: ≥ 0.85 accuracy in
-    under two minutes on 2 CPU cores."""
+    """Default settings, ~50 reviews, ~25 held-out reviews by another writer: ≥ 0.85 accuracy
+    (the time it takes is printed; speed belongs in benchmarks)."""
     train, held = QUALITY_DIR / "quality_train.jsonl", QUALITY_DIR / "quality_heldout.jsonl"
     if not (train.is_file() and held.is_file()):
         train = write_jsonl(tmp_path / "quality_train.jsonl", REVIEWS_TRAIN)
@@ -392,7 +392,6 @@ def test_minilm_lora_quality_bar(registry, tmp_path):
         f"(base {result.metrics['base']['accuracy']:.3f}), {wall:.1f}s"
     )
     assert result.metrics["accuracy"] >= 0.85
-    assert wall < 120
 
 
 _TRAIN = [

@@ -34,8 +34,10 @@ FORK = multiprocessing.get_context("fork")
 NAMES = ("alpha", "beta", "gamma")
 OPS = ("import", "train-finish", "merge", "gc", "rm", "tag")
 STAGES = ("staged", "published", "inserted")
-# The fast set kills real train/merge runs at one stage, a different one each run; soak: all.
-FAST_STAGE = STAGES[int(time.time()) // 60 % 3]
+# The fast set kills real train/merge runs at one stage (the stage is in the test id, so a failure
+# names it; ADAPTORY_FAULT_STAGE picks another); the soak runs all three.
+FAST_STAGE = os.environ.get("ADAPTORY_FAULT_STAGE", "published")
+assert FAST_STAGE in STAGES, f"ADAPTORY_FAULT_STAGE must be one of {STAGES}"
 
 
 # --- the random-kill loop -----------------------------------------------------------------------
@@ -434,33 +436,31 @@ def test_enospc_at_the_write_layer_changes_nothing(tmp_path, monkeypatch, peft_i
 # --- concurrent writers ----------------------------------------------------------------------------
 
 
-def _write_until(home: Path, src: Path, log: Path, worker: int, deadline: float) -> None:
+def _write_n(home: Path, src: Path, log: Path, worker: int, count: int) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     reg = Registry(home)
-    i = 0
-    while time.time() < deadline:
+    for i in range(count):
         entry = reg.add(
             src, name=NAMES[i % 3], extra={"worker": worker, "i": i}, tags=[f"w{worker}"]
         )
         append_line(fd, "added", entry.ref, entry.digest, worker, i)
         if i % 5 == 4:
             reg.list(name=NAMES[i % 3])  # readers interleave with writers
-        i += 1
 
 
-def _eight_writers(tmp_path: Path, seconds: float) -> int:
+def _eight_writers(tmp_path: Path, count: int) -> int:
+    """Eight processes each add `count` entries at once; every acknowledged write must be there."""
     home = tmp_path / "home"
     Registry(home).list()
     sources = [make_lora_folder(tmp_path / f"src{w}", seed=w % 3) for w in range(8)]
-    deadline = time.time() + seconds
     procs = [
-        FORK.Process(target=_write_until, args=(home, sources[w], tmp_path / f"w{w}", w, deadline))
+        FORK.Process(target=_write_n, args=(home, sources[w], tmp_path / f"w{w}", w, count))
         for w in range(8)
     ]
     for proc in procs:
         proc.start()
     for proc in procs:
-        proc.join(timeout=seconds + 120)
+        proc.join(timeout=60 + 5 * count)
         assert proc.exitcode == 0
     written = {}
     for w in range(8):
@@ -471,22 +471,18 @@ def _eight_writers(tmp_path: Path, seconds: float) -> int:
     for name in NAMES:
         versions = [e.version for e in entries if e.name == name]
         assert versions == list(range(1, len(versions) + 1))
-    tagged = {t: e.ref for e in entries for t in e.tags}
-    for w in range(8):  # each worker's tag is on one entry per name: its last write of that name
-        mine = [e for e in entries if e.extra["worker"] == w]
-        assert {e.ref for e in mine if f"w{w}" in e.tags} <= {e.ref for e in mine}
-        assert f"w{w}" in tagged
+    for w in range(8):  # each worker's tag sits, per name, on its last write of that name
+        for name in NAMES:
+            mine = [e for e in entries if e.extra["worker"] == w and e.name == name]
+            last = max(mine, key=lambda e: e.extra["i"])
+            assert [e.ref for e in entries if e.name == name and f"w{w}" in e.tags] == [last.ref]
     return len(entries)
 
 
-def test_eight_concurrent_writers_for_five_seconds_lose_nothing(tmp_path, peft_imported):
-    n = _eight_writers(tmp_path, 5)
-    print(f"\nCONCURRENT fast: 8 writers x 5 s, {n} writes, all present")
-    assert n >= 16
+def test_eight_concurrent_writers_lose_nothing(tmp_path, peft_imported):
+    assert _eight_writers(tmp_path, 6) == 8 * 6
 
 
 @pytest.mark.soak
-def test_eight_concurrent_writers_for_thirty_seconds_lose_nothing(tmp_path, peft_imported):
-    n = _eight_writers(tmp_path, 30)
-    print(f"\nCONCURRENT soak: 8 writers x 30 s, {n} writes, all present")
-    assert n >= 100
+def test_eight_concurrent_writers_of_forty_entries_each_lose_nothing(tmp_path, peft_imported):
+    assert _eight_writers(tmp_path, 40) == 8 * 40
