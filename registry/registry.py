@@ -12,7 +12,6 @@ Reads take no lock and write nothing, so they work on a read-only home.
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import sqlite3
 import sys
@@ -27,7 +26,8 @@ import filelock
 from adaptory.registry.adapter_files import (
     CONFIG_FILE,
     WEIGHTS_FILE,
-    check_safetensors,
+    check_weights,
+    read_config,
     validate_adapter_folder,
 )
 from adaptory.registry.catalog import Catalog, now_iso
@@ -239,6 +239,7 @@ class Registry:
             "description": description,
             "extra": extra or {},
         }
+        _check_text(values, ("method", "task", "base_model", "description"))
         _check_storable(values)
         self._ensure_ready()
         staged = self.store.stage(src_dir, folder.files)
@@ -578,12 +579,27 @@ def _check_storable(values: dict) -> None:
             raise BadInput(f"{key}: {exc}") from None
 
 
+def _check_text(values: dict, keys: Iterable[str]) -> None:
+    """Refuse what a text column cannot hold (not a string, not UTF-8) before anything is written."""
+    for key in keys:
+        value = values.get(key)
+        if value is not None and not isinstance(value, str):
+            kind = type(value).__name__
+            raise BadInput(f"{key} must be text, not {kind}", hint="pass a string or leave it out")
+        try:
+            (value or "").encode("utf-8")
+        except UnicodeEncodeError:
+            shown = value.encode("utf-8", "backslashreplace").decode()
+            raise BadInput(f"{key} is not UTF-8 text: {shown}") from None
+
+
 def _check_unchanged(staged: StagedBlob, src_dir: Path, config: dict) -> None:
-    """Refuse a copy that differs from what was validated (the folder changed while importing)."""
+    """Refuse a copy that differs from what was validated (the folder changed while importing):
+    the copy is what gets stored, so it is validated again, weights included."""
     try:
-        copied = json.loads((staged.path / CONFIG_FILE).read_text(encoding="utf-8"))
-        check_safetensors(staged.path / WEIGHTS_FILE)
-    except (InvalidAdapter, ValueError) as exc:
+        copied = read_config(staged.path / CONFIG_FILE)
+        check_weights(staged.path / WEIGHTS_FILE, copied)
+    except InvalidAdapter as exc:
         raise InvalidAdapter(f"{src_dir} changed while being imported ({exc})") from None
     if copied != config:
         raise InvalidAdapter(f"{src_dir / CONFIG_FILE} changed while being imported")

@@ -144,10 +144,10 @@ class BlobStore:
         try:
             files = {name: self._copy_in(src, tmp, name) for name in names}
             _fsync_dir(tmp)
+            return StagedBlob(path=tmp, files=files, digest=manifest_digest(files))
         except BaseException:
             remove_tree(tmp)
             raise
-        return StagedBlob(path=tmp, files=files, digest=manifest_digest(files))
 
     @staticmethod
     def _copy_in(src: Path, tmp: Path, name: str) -> FileRecord:

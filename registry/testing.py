@@ -63,3 +63,62 @@ def make_lora_folder(
             tensors[f"{prefix}.lora_B.weight"] = rng.standard_normal((hidden, r), dtype=np.float32)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     return folder
+
+
+def prefix_config(
+    *,
+    virtual_tokens: int = 3,
+    layers: int = 2,
+    heads: int = 4,
+    token_dim: int = 64,
+    base_model: str = "tiny-llama",
+    **overrides: object,
+) -> dict:
+    """An adapter_config.json dict as PrefixTuningConfig(...).save_pretrained writes it."""
+    config = {
+        "peft_type": "PREFIX_TUNING",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "num_virtual_tokens": virtual_tokens,
+        "num_layers": layers,
+        "num_attention_heads": heads,
+        "token_dim": token_dim,
+        "encoder_hidden_size": token_dim,
+        "num_transformer_submodules": 1,
+        "prefix_projection": False,
+        "inference_mode": True,
+        "init_weights": None,
+        "modules_to_save": None,
+        "revision": None,
+        "auto_mapping": None,
+    }
+    config.update(overrides)
+    return config
+
+
+def make_prefix_folder(
+    folder: Path,
+    *,
+    virtual_tokens: int = 3,
+    layers: int = 2,
+    heads: int = 4,
+    token_dim: int = 64,
+    seed: int = 0,
+    config_overrides: dict | None = None,
+) -> Path:
+    """Write a prefix-tuning folder for a Llama: prompt_embeddings of shape (virtual tokens,
+    layers x 2 x token_dim), PEFT's saved key/value prefixes (the defaults fit the tiny Llama)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = prefix_config(
+        virtual_tokens=virtual_tokens, layers=layers, heads=heads, token_dim=token_dim
+    )
+    config.update(config_overrides or {})
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((virtual_tokens, layers * 2 * token_dim), dtype=np.float32)
+    save_file({"prompt_embeddings": weight}, str(folder / "adapter_model.safetensors"))
+    return folder
