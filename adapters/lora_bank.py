@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from adaptory.registry.adapter_files import pattern_value
 from adaptory.registry.errors import ConfigError
 
 _KEY = re.compile(
@@ -43,19 +44,11 @@ class _Stack:
     b: torch.Tensor
 
 
-def _pattern_value(patterns: dict | None, module: str, default):
-    """PEFT's rank_pattern/alpha_pattern lookup: the first key matching the module path."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
-
-
 def lora_scaling(config: dict, module: str = "", rank: int | None = None) -> float:
     """The scale PEFT applies to B·A in `module` (alpha/r, or alpha/√r with rsLoRA)."""
-    rank = rank or _pattern_value(config.get("rank_pattern"), module, int(config["r"]))
+    rank = rank or pattern_value(config.get("rank_pattern"), module, int(config["r"]))
     alpha = float(
-        _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", rank))
+        pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", rank))
     )
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
@@ -119,9 +112,15 @@ class LoraBank:
         if not pairs:
             raise ConfigError(f"adapter '{name}' has no LoRA weights")
         targets = {path: self._target(path) for path in pairs}
+        scales = {}
         for path, (a, b) in pairs.items():  # check everything before changing anything
             module = targets[path]
-            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            if not (a.is_floating_point() and b.is_floating_point()):
+                raise ConfigError(
+                    f"{name}: {path} has {a.dtype} / {b.dtype} LoRA weights; they must be "
+                    "floating point"
+                )
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] == 0:
                 raise ConfigError(
                     f"{name}: {path} has lora_A {tuple(a.shape)} and lora_B "
                     f"{tuple(b.shape)}, which do not form a low-rank pair"
@@ -132,11 +131,19 @@ class LoraBank:
                     f"but the adapter's B·A is ({b.shape[0]} x {a.shape[1]})",
                     hint="the adapter was made for a base with other layer sizes",
                 )
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise ConfigError(f"{name}: {path} has NaN or infinite LoRA weights")
+            try:
+                scales[path] = lora_scaling(config, path, a.shape[0])
+            except (TypeError, ValueError, re.error) as exc:
+                raise ConfigError(f"{name}: no LoRA scale for {path} ({exc})") from None
+            if not math.isfinite(scales[path]):
+                raise ConfigError(f"{name}: the LoRA scale for {path} is {scales[path]}")
         slot = self._free.pop() if self._free else self._grow()
         for path, (a, b) in pairs.items():
             r = a.shape[0]
             stack = self._stack_for(path, targets[path], rank=r)
-            scale = lora_scaling(config, path, r)
+            scale = scales[path]
             stack.a[slot].zero_()
             stack.b[slot].zero_()
             stack.a[slot, :r] = a.to(stack.a.dtype)

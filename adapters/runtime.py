@@ -31,7 +31,6 @@ label counts share a batch.
 from __future__ import annotations
 
 import inspect
-import json
 import re
 import threading
 from collections import OrderedDict
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptory.adapters.base import BUILTIN_BASES, LoadedBase, check_fingerprint, load_base
-from adaptory.registry.errors import AdaptoryError, BadInput, ConfigError
+from adaptory.registry.errors import AdaptoryError, BadInput, ConfigError, InvalidAdapter
 
 BASE = "__base__"  # the routing key of rows that run on the plain base
 SERVABLE = {"causal-lm": ("lora", "prefix"), "seq-cls": ("lora",)}
@@ -125,6 +124,7 @@ class _Row:
     sampled: int = 0
     finish_reason: str | None = None
     result: GenerationResult | None = None
+    error: BaseException | None = None  # why this row alone ended early (finish_reason "error")
     logits: list = field(default_factory=list)  # per step, when the batch keeps them
 
 
@@ -232,6 +232,8 @@ class Runtime:
                     adapter = self._read_adapter(entry)
                 except Exception:
                     self.counters["load_failures"] += 1
+                    if entry.ref in self._bank.slots:  # a failed load leaves nothing behind
+                        self._bank.remove(entry.ref)
                     raise
                 self._resident[adapter.key] = adapter
                 self.counters["loads"] += 1
@@ -273,8 +275,13 @@ class Runtime:
         self.counters["evictions"] += 1
 
     def _read_adapter(self, entry) -> ResidentAdapter:
+        """Read a stored adapter, checked as `import` checks it (entries stored before a check
+        existed), then against this base; every refusal is a domain error naming the entry."""
         import torch
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
+
+        from adaptory.registry.adapter_files import WEIGHTS_FILE, validate_adapter_folder
 
         check_fingerprint(
             entry.base_fingerprint,
@@ -283,9 +290,21 @@ class Runtime:
             force=self.force,
         )
         folder = Path(self.registry.files(entry, verify=True))
-        config = json.loads((folder / "adapter_config.json").read_text())
-        tensors = load_file(str(folder / "adapter_model.safetensors"), device=str(self.base.device))
-        adapter = ResidentAdapter(key=entry.ref, entry=entry, method=entry.method or "lora")
+        try:
+            config = validate_adapter_folder(folder).config
+        except InvalidAdapter as exc:
+            raise InvalidAdapter(f"{entry.ref}: {exc.message}", hint=exc.hint) from None
+        method = entry.method or "lora"
+        expected_type = {"lora": "LORA", "prefix": "PREFIX_TUNING"}.get(method)
+        if config["peft_type"] != expected_type:
+            raise ConfigError(
+                f"{entry.ref} is catalogued as {method} but its files hold {config['peft_type']}"
+            )
+        try:
+            tensors = load_file(str(folder / WEIGHTS_FILE), device=str(self.base.device))
+        except SafetensorError as exc:
+            raise InvalidAdapter(f"{entry.ref}: {WEIGHTS_FILE} cannot be loaded ({exc})") from None
+        adapter = ResidentAdapter(key=entry.ref, entry=entry, method=method)
         if adapter.method == "prefix":
             adapter.prefix = self._prefix_kv(entry, config, tensors)
             return adapter
@@ -300,13 +319,14 @@ class Runtime:
             if re.search(r"\.lora_[AB](?:\.[^.]+)?\.weight$", name):
                 lora[key] = tensor
             elif ".lora_" in name:
-                raise ConfigError(f"{entry.ref}: tensor {key} is not a linear LoRA weight")
+                raise ConfigError(f"{entry.ref}: tensor {key!r} is not a linear LoRA weight")
             elif self.task == "seq-cls":
                 name = name.removeprefix(f"{self.model.base_model_prefix}.")
                 adapter.head[name] = tensor.to(torch.float32)
             else:
                 raise ConfigError(
-                    f"{entry.ref}: saves full module weights ({key}); only LoRA weights are servable"
+                    f"{entry.ref}: saves full module weights ({key!r}); only LoRA weights are "
+                    "servable"
                 )
         if not lora:
             raise ConfigError(f"{entry.ref}: no LoRA weights found")
@@ -328,19 +348,38 @@ class Runtime:
         return adapter
 
     def _prefix_kv(self, entry, config: dict, tensors: dict) -> list[tuple[Any, Any]]:
-        """Per-layer (keys, values) from PEFT's saved prompt embeddings (the encoder's output)."""
-        if config.get("num_transformer_submodules", 1) != 1:
+        """Per-layer (keys, values) from PEFT's saved prompt embeddings (the encoder's output).
+
+        `config` and the tensor's shape were checked against each other by the registry's
+        validation; what is checked here is the fit with this base: layers, key/value heads and
+        head size (PEFT sizes a prefix by the base's key/value heads), and room in its context.
+        """
+        if (config.get("num_transformer_submodules") or 1) != 1:
             raise ConfigError(f"{entry.ref}: encoder-decoder prefix tuning is not servable")
         weight = tensors.get("prompt_embeddings")
-        if weight is None:
-            raise ConfigError(f"{entry.ref}: no prompt_embeddings in the prefix adapter")
         nvt, layers = config["num_virtual_tokens"], config["num_layers"]
         heads, dim = config["num_attention_heads"], config["token_dim"]
-        dtype = getattr(self.model, "dtype", weight.dtype)
-        kv = weight.to(dtype).view(nvt, layers * 2, heads, dim // heads).permute(1, 2, 0, 3)
-        n_layers = getattr(self.model.config, "num_hidden_layers", layers)
+        if weight is None or tuple(weight.shape) != (nvt, layers * 2 * dim):
+            raise InvalidAdapter(f"{entry.ref}: prompt_embeddings does not match its config")
+        base = self.model.config
+        n_layers = base.num_hidden_layers
+        kv_heads = getattr(base, "num_key_value_heads", None) or base.num_attention_heads
+        head_dim = getattr(base, "head_dim", None) or base.hidden_size // base.num_attention_heads
         if layers != n_layers:
             raise ConfigError(f"{entry.ref}: prefix made for {layers} layers, base has {n_layers}")
+        if (heads, dim // heads) != (kv_heads, head_dim):
+            raise ConfigError(
+                f"{entry.ref}: prefix made for {heads} key/value heads of size {dim // heads}; "
+                f"this base has {kv_heads} of size {head_dim}",
+                hint="the adapter was made for another base",
+            )
+        if self.max_positions and nvt >= self.max_positions:
+            raise ConfigError(
+                f"{entry.ref}: a prefix of {nvt} virtual tokens leaves no room in this base's "
+                f"context of {self.max_positions} tokens"
+            )
+        dtype = getattr(self.model, "dtype", weight.dtype)
+        kv = weight.to(dtype).view(nvt, layers * 2, heads, dim // heads).permute(1, 2, 0, 3)
         return [(kv[2 * i].contiguous(), kv[2 * i + 1].contiguous()) for i in range(layers)]
 
     def _acquire(self, ref: str | None) -> tuple[str, ResidentAdapter | None]:
@@ -394,7 +433,11 @@ class Runtime:
         *,
         on_text: Callable[[int, str], None] | None = None,
     ) -> list[GenerationResult]:
-        """Run all requests as one mixed batch to completion; results in request order."""
+        """Run all requests as one mixed batch to completion; results in request order.
+
+        A row that fails alone (non-finite logits from a broken adapter) lets the others finish,
+        then its error is raised.
+        """
         requests = list(requests)
         batch = DecodeBatch(self)
         handles = []
@@ -403,6 +446,9 @@ class Runtime:
             handles.append(batch.add(request, on_text=callback))
         while batch.active:
             batch.step()
+        for handle in handles:
+            if handle.error is not None:
+                raise handle.error
         return [h.result for h in handles]
 
     # -- classification ---------------------------------------------------------------------
@@ -410,6 +456,27 @@ class Runtime:
     def classify(self, ref: str, texts: list[str]) -> list[dict]:
         """Labels and scores of each text under one adapter."""
         return self.classify_mixed([(ref, t) for t in texts])
+
+    def classify_max_length(self) -> int:
+        """Longest input the encoder takes, in tokens; longer texts are truncated to it.
+
+        The tokenizer's `model_max_length` can exceed the model's position table (a small
+        encoder saved with its parent's tokenizer), so the table caps it too.
+        """
+        limit = int(min(self.tokenizer.model_max_length, 1 << 20))
+        positions = self.max_positions
+        if positions:
+            embeddings = getattr(self.model.base_model, "embeddings", None)
+            # RoBERTa-style embeddings number positions from padding_idx + 1
+            offset = getattr(embeddings, "padding_idx", None)
+            limit = min(limit, positions - (offset + 1 if offset is not None else 0))
+        return limit
+
+    def classify_lengths(self, texts: list[str]) -> list[int]:
+        """Each text's token count as classified (special tokens in, truncated)."""
+        with self._tok_lock:
+            ids = self.tokenizer(texts, truncation=True, max_length=self.classify_max_length())
+        return [len(row) for row in ids["input_ids"]]
 
     def classify_mixed(self, rows: list[tuple[str, str]]) -> list[dict]:
         """One encoder pass for (adapter ref, text) rows with different adapters and heads."""
@@ -424,9 +491,14 @@ class Runtime:
             with self.lock:
                 for ref, _ in rows:
                     acquired.append(self._acquire(ref))
+                limit = self.classify_max_length()
                 with self._tok_lock:
                     enc = self.tokenizer(
-                        [t for _, t in rows], padding=True, truncation=True, return_tensors="pt"
+                        [t for _, t in rows],
+                        padding=True,
+                        truncation=True,
+                        max_length=limit,
+                        return_tensors="pt",
                     )
                 enc = {k: v.to(self.base.device) for k, v in enc.items()}
                 with torch.inference_mode(), self._rows([key for key, _ in acquired]):
@@ -509,7 +581,12 @@ class DecodeBatch:
         return self.add_many([(request, on_text)])[0]
 
     def add_many(self, items: list[tuple[GenerationRequest, Any]]) -> list[_Row]:
-        """Prefill several requests in one forward pass and merge them into the running batch."""
+        """Prefill several requests in one forward pass and merge them into the running batch.
+
+        All or nothing: if it raises, no row joined the batch and no text was emitted, so the
+        caller may retry the requests one by one. A row that fails on its own (non-finite
+        logits) joins and ends at once with `error` set; the others are unaffected.
+        """
         import torch
 
         rt = self.rt
@@ -543,9 +620,16 @@ class DecodeBatch:
                 rt._release(row.adapter)
             raise
         with rt.lock:
-            logits, kv, valid, positions = self._prefill(rows)
+            try:
+                logits, kv, valid, positions = self._prefill(rows)
+                eos = _eos_ids(rt)
+            except BaseException:
+                for row in rows:
+                    rt._release(row.adapter)
+                raise
             self._merge(rows, kv, valid, positions)
-            self._advance(rows, logits, start=len(self.rows) - len(rows))
+            # _advance never raises for one row (it ends that row), so nothing is half-added
+            self._advance(rows, logits, start=len(self.rows) - len(rows), eos=eos)
         return rows
 
     def _prefill(self, rows: list[_Row]):
@@ -626,26 +710,25 @@ class DecodeBatch:
     def _merge(self, rows, cache, valid, positions) -> None:
         import torch
 
+        zeros = torch.zeros(len(rows), dtype=torch.long, device=valid.device)
         if self.cache is None or not self.rows:
             self.rows, self.cache, self.valid, self.positions = list(rows), cache, valid, positions
-            self.last = torch.zeros(len(rows), dtype=torch.long, device=valid.device)
+            self.last = zeros
             return
         a, b = self.valid.shape[1], valid.shape[1]
         width = max(a, b)
         old_kv, old_valid = _left_pad(_kv(self.cache), self.valid, width - a)
         new_kv, new_valid = _left_pad(_kv(cache), valid, width - b)
-        _set_kv(
-            self.cache,
-            [
-                (torch.cat([ok, nk]), torch.cat([ov, nv]))
-                for (ok, ov), (nk, nv) in zip(old_kv, new_kv, strict=True)
-            ],
-        )
-        self.valid = torch.cat([old_valid, new_valid])
-        self.positions = torch.cat([self.positions, positions])
-        self.last = torch.cat(
-            [self.last, torch.zeros(len(rows), dtype=torch.long, device=valid.device)]
-        )
+        # every new tensor first, then assignments only: a failure leaves the batch as it was
+        merged = [
+            (torch.cat([ok, nk]), torch.cat([ov, nv]))
+            for (ok, ov), (nk, nv) in zip(old_kv, new_kv, strict=True)
+        ]
+        merged_valid = torch.cat([old_valid, new_valid])
+        merged_positions = torch.cat([self.positions, positions])
+        merged_last = torch.cat([self.last, zeros])
+        _set_kv(self.cache, merged)
+        self.valid, self.positions, self.last = merged_valid, merged_positions, merged_last
         self.rows.extend(rows)
 
     def step(self) -> list[_Row]:
@@ -673,35 +756,57 @@ class DecodeBatch:
             self.positions = self.positions + 1
             return self._advance(self.rows, logits, start=0)
 
-    def _advance(self, rows: list[_Row], logits, start: int) -> list[_Row]:
-        """Pick each row's next token from `logits` (rows = self.rows[start:]); finish rows."""
+    def _advance(self, rows: list[_Row], logits, start: int, eos=None) -> list[_Row]:
+        """Pick each row's next token from `logits` (rows = self.rows[start:]); finish rows.
+
+        A row that cannot go on (non-finite logits, a failing callback) ends alone with `error`
+        set and finish_reason "error"; it never stops the other rows.
+        """
         rt = self.rt
-        eos = _eos_ids(rt)
+        eos = _eos_ids(rt) if eos is None else eos
         finished = []
         for i, row in enumerate(rows):
-            if self.keep_logits:
-                row.logits.append(logits[i].clone())
-            token = _sample(logits[i], row.request, row.generator)
-            self.last[start + i] = token
-            row.sampled += 1
-            if token in eos:
-                row.finish_reason = "stop"
-            else:
-                row.generated.append(token)
-                row.text = rt.decode(row.generated)
-                for stop in row.request.stop:
-                    cut = row.text.find(stop) if stop else -1
-                    if cut >= 0:
-                        row.text = row.text[:cut]
-                        row.finish_reason = "stop"
-                if row.finish_reason is None and len(row.generated) >= row.request.max_new_tokens:
-                    row.finish_reason = "length"
+            try:
+                if self.keep_logits:
+                    row.logits.append(logits[i].clone())
+                token = _sample(logits[i], row.request, row.generator)
+                self.last[start + i] = token
+                row.sampled += 1
+                if token in eos:
+                    row.finish_reason = "stop"
+                else:
+                    row.generated.append(token)
+                    row.text = rt.decode(row.generated)
+                    for stop in row.request.stop:
+                        cut = row.text.find(stop) if stop else -1
+                        if cut >= 0:
+                            row.text = row.text[:cut]
+                            row.finish_reason = "stop"
+                    if (
+                        row.finish_reason is None
+                        and len(row.generated) >= row.request.max_new_tokens
+                    ):
+                        row.finish_reason = "length"
+                self._emit(row)
+            except Exception as exc:
+                row.error, row.finish_reason = self._row_error(row, exc), "error"
             if row.finish_reason is not None:
                 finished.append(row)
-            self._emit(row)
         if finished:
             self.drop(finished)
         return finished
+
+    def _row_error(self, row: _Row, exc: Exception) -> BaseException:
+        if not isinstance(exc, NonFiniteLogits):
+            return exc
+        where = f"at generated token {row.sampled + 1}"
+        if row.adapter is not None:
+            return InvalidAdapter(
+                f"adapter {row.adapter.key} produced non-finite logits (NaN or infinity) "
+                f"{where}; its weights are unusable",
+                hint="check the adapter's weights for NaN, infinity or huge values",
+            )
+        return AdaptoryError(f"base {self.rt.base_ref} produced non-finite logits {where}")
 
     def _emit(self, row: _Row) -> None:
         end = len(row.text)
@@ -711,7 +816,7 @@ class DecodeBatch:
             delta, row.sent = row.text[row.sent : end], end
             if row.on_text:
                 row.on_text(delta)
-        if row.finish_reason is not None and row.result is None:
+        if row.finish_reason is not None and row.result is None and row.error is None:
             row.result = GenerationResult(
                 text=row.text,
                 token_ids=list(row.generated),
@@ -791,12 +896,23 @@ def _eos_ids(rt: Runtime) -> set[int]:
     return set(ids) if isinstance(ids, list) else {int(ids)}
 
 
+class NonFiniteLogits(ValueError):
+    """A row's logits (or its temperature-scaled logits) hold NaN or +infinity."""
+
+
 def _sample(logits, request: GenerationRequest, generator) -> int:
     import torch
 
+    # NaN (and +inf, which softmax turns into NaN) come from broken weights: argmax would pick
+    # an arbitrary token and multinomial would fail the whole batch, so the row fails here.
     if request.temperature <= 1e-5:
+        if not _usable(logits):
+            raise NonFiniteLogits
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / request.temperature, dim=-1)
+    scaled = logits / request.temperature  # finite logits can overflow at a tiny temperature
+    if not _usable(scaled):
+        raise NonFiniteLogits
+    probs = torch.softmax(scaled, dim=-1)
     if request.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
@@ -806,3 +922,12 @@ def _sample(logits, request: GenerationRequest, generator) -> int:
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     choice = torch.multinomial(probs.cpu(), 1, generator=generator)
     return int(choice)
+
+
+def _usable(logits) -> bool:
+    """No NaN, no +inf and at least one finite value (-inf alone masks a token, which is fine)."""
+    import torch
+
+    return not bool(torch.isnan(logits).any() or torch.isposinf(logits).any()) and bool(
+        torch.isfinite(logits).any()
+    )

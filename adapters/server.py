@@ -4,8 +4,10 @@
 (each a `Runtime` with its own LRU and `Scheduler`). A request's `model` is an adapter reference
 (`name`, `name:3`, `name:tag`) routed to the base its entry was made for (matched by fingerprint,
 then by base reference), or a base itself (`base:<ref>`). Errors are OpenAI-shaped:
-`{"error": {"message", "type", "code"}}`. When an API key is set every endpoint but /health needs
-`Authorization: Bearer <key>`; the key is compared in constant time and never logged.
+`{"error": {"message", "type", "code"}}`, and every field of a body is type-checked before any
+work is queued. When an API key is set every endpoint but /health needs
+`Authorization: Bearer <key>`; the key is compared in constant time and never logged. A request
+whose client goes away is cancelled: its batch row leaves at the next decode step.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import math
 import threading
 import time
@@ -25,6 +28,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adaptory.adapters.runtime import AdapterInUse, GenerationRequest, GenerationResult, Runtime
@@ -34,15 +38,20 @@ from adaptory.registry.errors import (
     BadInput,
     BaseMismatch,
     IntegrityError,
+    InvalidAdapter,
     InvalidReference,
     NotFound,
 )
+
+log = logging.getLogger("adaptory.server")
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ENDPOINTS = (
     "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/classify",
     "/v1/adapters/load", "/v1/adapters/unload", "/health", "/metrics",
 )  # fmt: skip
+DISCONNECT_POLL_S = 0.05  # how often a waiting request checks that its client is still there
+CLIENT_GONE = 499  # what the metrics record for a request whose client disconnected (as nginx)
 
 
 @dataclass
@@ -55,6 +64,12 @@ class ServerSettings:
     max_prompt_tokens: int = 2048
     default_max_tokens: int = 16
     max_body_bytes: int = 1 << 20  # a request body over this is refused (413) unread
+    max_classify_inputs: int = 128  # texts per /v1/classify request; more is refused (400)
+    classify_chunk_rows: int = 16  # texts per encoder pass; other requests run between passes
+    classify_chunk_tokens: int = 4096  # padded tokens (texts x longest) per encoder pass
+    header_timeout_s: float = 10.0  # a connection must finish its request headers in this time
+    keep_alive_s: int = 5  # an idle keep-alive connection is closed after this
+    max_header_bytes: int = 16 * 1024  # the largest request line + headers uvicorn buffers
 
     def __repr__(self) -> str:  # never show the key
         key = "set" if self.api_key else None
@@ -89,11 +104,107 @@ def api_error(exc: AdaptoryError) -> APIError:
         return APIError(500, message, type="adapter_error", code="adapter_integrity")
     if isinstance(exc, AdapterInUse):
         return APIError(409, message, code="adapter_in_use")
+    if isinstance(exc, InvalidAdapter):
+        return APIError(400, message, type="adapter_error", code="invalid_adapter")
     if isinstance(exc, SchedulerClosed):
         return APIError(503, message, type="server_error", code="shutting_down")
     if isinstance(exc, BadInput):
         return APIError(400, message, code="invalid_value")
     return APIError(500, message, type="server_error", code="adapter_error")
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready."""
+
+
+class Gate:
+    """ASGI middleware around every route: the API key, the metrics, and a JSON 500 for any
+    unexpected exception (never Starlette's plain-text one, and the connection stays usable).
+
+    Pure ASGI rather than `@app.middleware("http")`, whose wrapper hides a client's disconnect
+    from the handlers that poll for it.
+    """
+
+    def __init__(self, app, *, settings: ServerSettings, metrics: Metrics) -> None:
+        self.app, self.settings, self.metrics = app, settings, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        path = scope["path"]
+        status = None
+
+        async def send_and_note(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        key = self.settings.api_key
+        try:
+            if key and path != "/health" and not _authorized(Headers(scope=scope), key):
+                refusal = JSONResponse(
+                    error_body(
+                        "missing or wrong API key", "authentication_error", "invalid_api_key"
+                    ),
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await refusal(scope, receive, send_and_note)
+            else:
+                await self.app(scope, receive, send_and_note)
+        except Exception as exc:
+            if status is not None:  # the response has begun: nothing can replace it
+                raise
+            log.exception("internal error on %s", path)
+            error = _as_api_error(exc)
+            await JSONResponse(
+                error_body(error.message, error.type, error.code), status_code=error.status
+            )(scope, receive, send_and_note)
+        finally:
+            endpoint = path if path in ENDPOINTS else "other"
+            self.metrics.observe(endpoint, status or 500, time.perf_counter() - start)
+
+
+class JobStream(StreamingResponse):
+    """Server-sent events of one job; however the response ends (done, or the client went
+    away mid-stream), the job is cancelled so its row leaves the batch at the next step."""
+
+    def __init__(self, job: Job, content, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()
+
+
+class Listener:
+    """Reads a job's events for its handler while watching the client: `next()` raises
+    ClientGone once the client has disconnected (checked every DISCONNECT_POLL_S, also while
+    events keep coming, as they do for a long non-streamed completion)."""
+
+    def __init__(self, request: Request, job: Job) -> None:
+        self.request, self.job = request, job
+        self.checked = time.monotonic()
+
+    async def next(self) -> tuple[str, Any]:
+        while True:
+            now = time.monotonic()
+            if now - self.checked >= DISCONNECT_POLL_S:
+                self.checked = now
+                if await self.request.is_disconnected():
+                    raise ClientGone
+            if not self.job.events.empty():
+                return self.job.events.get_nowait()
+            try:
+                return await asyncio.wait_for(self.job.events.get(), DISCONNECT_POLL_S)
+            except TimeoutError:
+                pass
 
 
 # --- metrics -------------------------------------------------------------------------------
@@ -192,9 +303,26 @@ class Metrics:
             family(name, kind, help_text)
             for ref, values in stats.items():
                 out.append(f'{name}{{base="{_escape(ref)}"}} {values[key]}')
-        family("adaptory_active_rows", "gauge", "Rows decoding right now.")
-        for ref, scheduler in schedulers.items():
-            out.append(f'adaptory_active_rows{{base="{_escape(ref)}"}} {scheduler.active}')
+        per_scheduler = [
+            ("adaptory_active_rows", "gauge", "Rows decoding right now.", "active"),
+            (
+                "adaptory_queued_classify_texts",
+                "gauge",
+                "Texts of classify requests waiting for their chunk.",
+                "classify_backlog",
+            ),
+            (
+                "adaptory_cancelled_requests_total",
+                "counter",
+                "Requests dropped because their client went away.",
+                "cancelled",
+            ),
+        ]
+        for name, kind, help_text, attribute in per_scheduler:
+            family(name, kind, help_text)
+            for ref, scheduler in schedulers.items():
+                value = getattr(scheduler, attribute)
+                out.append(f'{name}{{base="{_escape(ref)}"}} {value}')
         return "\n".join(out) + "\n"
 
 
@@ -295,7 +423,11 @@ def create_app(runtimes: dict[str, Runtime], *, registry, settings: ServerSettin
     async def lifespan(app):
         for ref, rt in runtimes.items():
             schedulers[ref] = Scheduler(
-                rt, max_batch=settings.max_batch, window_s=settings.batch_window_ms / 1000
+                rt,
+                max_batch=settings.max_batch,
+                window_s=settings.batch_window_ms / 1000,
+                classify_rows=settings.classify_chunk_rows,
+                classify_tokens=settings.classify_chunk_tokens,
             )
         yield
         # uvicorn has already let in-flight requests finish; drain whatever is still queued.
@@ -304,22 +436,12 @@ def create_app(runtimes: dict[str, Runtime], *, registry, settings: ServerSettin
     app = FastAPI(title="Adaptory", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings, app.state.metrics, app.state.models = settings, metrics, models
     app.state.schedulers, app.state.runtimes = schedulers, runtimes
+    app.add_middleware(Gate, settings=settings, metrics=metrics)
 
-    @app.middleware("http")
-    async def auth_and_metrics(request: Request, call_next):
-        start = time.perf_counter()
-        path = request.url.path
-        endpoint = path if path in ENDPOINTS else "other"
-        if settings.api_key and path != "/health" and not _authorized(request, settings.api_key):
-            response = JSONResponse(
-                error_body("missing or wrong API key", "authentication_error", "invalid_api_key"),
-                status_code=401,
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        else:
-            response = await call_next(request)
-        metrics.observe(endpoint, response.status_code, time.perf_counter() - start)
-        return response
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request, exc: ClientGone):  # nobody reads it; the metrics count it
+        body = error_body("the client closed the connection", "invalid_request_error", "gone")
+        return JSONResponse(body, status_code=CLIENT_GONE)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -398,6 +520,11 @@ def create_app(runtimes: dict[str, Runtime], *, registry, settings: ServerSettin
             raise APIError(
                 400, "'input' must be a string or a non-empty list of strings", code="invalid_input"
             )
+        if len(texts) > settings.max_classify_inputs:
+            raise APIError(
+                400, f"'input' has {len(texts)} texts; this server classifies at most "
+                f"{settings.max_classify_inputs} per request", code="too_many_inputs",
+            )  # fmt: skip
         rt, adapter = models.route(_require(body, "model"))
         if rt.task != "seq-cls":
             raise APIError(
@@ -415,7 +542,10 @@ def create_app(runtimes: dict[str, Runtime], *, registry, settings: ServerSettin
             classify=[(adapter, t) for t in texts],
         )
         _submit(schedulers[rt.base_ref], job)
-        kind, value = await job.events.get()
+        try:
+            kind, value = await Listener(request, job).next()
+        finally:
+            job.cancel()  # a no-op once done; else its remaining chunks are skipped
         if kind == "error":
             raise _as_api_error(value)
         return {
@@ -459,36 +589,42 @@ def create_app(runtimes: dict[str, Runtime], *, registry, settings: ServerSettin
 
     async def _generate(request, body: dict, rt: Runtime, adapter, ids: list[int], *, chat: bool):
         generation = _generation_request(body, settings, adapter, ids)
+        stream, include_usage = _stream_flags(body)
         if len(ids) > settings.max_prompt_tokens:
             raise APIError(
                 400, f"the prompt has {len(ids)} tokens; this server takes at most "
                 f"{settings.max_prompt_tokens}", code="prompt_too_long",
             )  # fmt: skip
-        stream = bool(body.get("stream", False))
         job = Job(loop=asyncio.get_running_loop(), events=asyncio.Queue(), generation=generation)
         _submit(schedulers[rt.base_ref], job)
-        first = await job.events.get()
-        if first[0] == "error":
-            raise _as_api_error(first[1])
-        model_name = body["model"]
-        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        if not stream:
-            text, event = "", first
+        handed_over = False
+        events = Listener(request, job)
+        try:
+            first = await events.next()
+            if first[0] == "error":
+                raise _as_api_error(first[1])
+            model_name = body["model"]
+            ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+            created = int(time.time())
+            if stream:
+                handed_over = True  # from here the response cancels the job when it ends
+                return JobStream(
+                    job,
+                    _sse(job, first, ident, created, model_name, chat, include_usage),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
+            event = first
             while event[0] == "text":
-                text += event[1]
-                event = await job.events.get()
+                event = await events.next()
             if event[0] == "error":
                 raise _as_api_error(event[1])
             result: GenerationResult = event[1]
             metrics.tokens(result.prompt_tokens, result.completion_tokens)
             return _final_body(ident, created, model_name, result, chat)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(
-            _sse(job, first, ident, created, model_name, chat, include_usage),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        finally:
+            if not handed_over:
+                job.cancel()  # a no-op once done; a client gone or an error frees the row
 
     async def _sse(job: Job, first, ident, created, model_name, chat, include_usage):
         kind = "chat.completion.chunk" if chat else "text_completion"
@@ -538,10 +674,67 @@ def create_app(runtimes: dict[str, Runtime], *, registry, settings: ServerSettin
                     break
                 event = await job.events.get()
             yield "data: [DONE]\n\n"
-        finally:
-            job.cancel()  # a client that went away frees its row at the next step
+        except Exception as exc:  # never a cut stream without a reason: an error event, [DONE]
+            log.exception("stream failed")
+            error = _as_api_error(exc)
+            yield f"data: {json.dumps(error_body(error.message, error.type, error.code))}\n\n"
+            yield "data: [DONE]\n\n"
 
     return app
+
+
+def uvicorn_options(settings: ServerSettings) -> dict:
+    """uvicorn.Config arguments that bound what one connection can hold: a deadline for its
+    request headers, the keep-alive idle time and the size of its header block."""
+    return {
+        "http": _header_deadline_protocol(settings.header_timeout_s),
+        "timeout_keep_alive": settings.keep_alive_s,
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+    }
+
+
+def _header_deadline_protocol(seconds: float):
+    """uvicorn's h11 protocol, closing a connection whose request headers take over `seconds`.
+
+    uvicorn itself only times out idle keep-alive connections: one that sends a partial
+    request line or trickles header bytes would otherwise stay open for ever.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        _header_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self.conn.their_state is h11.IDLE:  # a request is arriving: the clock runs
+                self._arm()
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # its headers are complete
+                self._disarm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(seconds, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _too_slow(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderDeadline
 
 
 def _submit(scheduler: Scheduler, job: Job) -> None:
@@ -551,8 +744,8 @@ def _submit(scheduler: Scheduler, job: Job) -> None:
         raise api_error(exc) from None
 
 
-def _authorized(request, key: str) -> bool:
-    header = request.headers.get("authorization", "")
+def _authorized(headers: Headers, key: str) -> bool:
+    header = headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer":
         token = ""
@@ -597,13 +790,19 @@ def _messages(messages) -> list[dict]:
             raise APIError(400, f"messages[{i}] needs a 'role'", code="invalid_messages")
         content = message.get("content")
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            parts = [
-                p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"
-            ]
-            if len(parts) != len(content):
-                raise APIError(
-                    400, f"messages[{i}]: only text content is supported", code="invalid_messages"
-                )
+            parts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    raise APIError(
+                        400, f"messages[{i}].content[{j}]: only text content is supported",
+                        code="invalid_messages",
+                    )  # fmt: skip
+                if not isinstance(part.get("text"), str):
+                    raise APIError(
+                        400, f"messages[{i}].content[{j}]: 'text' must be a string",
+                        code="invalid_messages",
+                    )  # fmt: skip
+                parts.append(part["text"])
             content = "".join(parts)
         if not isinstance(content, str):
             raise APIError(400, f"messages[{i}] needs string 'content'", code="invalid_messages")
@@ -634,14 +833,64 @@ def _number(body: dict, name: str, default, kind=float, low=None, high=None):
     return kind(value)
 
 
+def _flag(body: dict, name: str, where: str | None = None) -> bool:
+    """A boolean field (absent or null: false); "false", 0 and 1 are not booleans."""
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise APIError(
+            400, f"'{where or name}' must be true or false, got {json.dumps(value)[:40]}",
+            code="invalid_value",
+        )  # fmt: skip
+    return value
+
+
+def _stream_flags(body: dict) -> tuple[bool, bool]:
+    """(stream, stream_options.include_usage), type-checked."""
+    stream = _flag(body, "stream")
+    options = body.get("stream_options")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise APIError(400, "'stream_options' must be an object", code="invalid_value")
+    return stream, _flag(options, "include_usage", "stream_options.include_usage")
+
+
+def _unsupported(body: dict) -> None:
+    """Refuse OpenAI options this server does not implement, and type-check the ignored ones."""
+    logprobs = body.get("logprobs")
+    if logprobs is not None and logprobs is not False:  # `in (None, False)` would let 0 in
+        raise APIError(400, "logprobs are not supported", code="unsupported_parameter")
+    best_of = body.get("best_of")
+    if best_of is not None and (
+        isinstance(best_of, bool) or not isinstance(best_of, int) or best_of != 1
+    ):
+        raise APIError(400, "best_of is not supported (only 1)", code="unsupported_parameter")
+    if body.get("top_logprobs") is not None:
+        raise APIError(400, "top_logprobs is not supported", code="unsupported_parameter")
+    if _flag(body, "echo"):
+        raise APIError(400, "echo is not supported", code="unsupported_parameter")
+    if body.get("suffix") not in (None, ""):
+        raise APIError(400, "suffix is not supported", code="unsupported_parameter")
+    logit_bias = body.get("logit_bias")
+    if logit_bias is not None and not isinstance(logit_bias, dict):
+        raise APIError(400, "'logit_bias' must be an object", code="invalid_value")
+    if logit_bias:
+        raise APIError(400, "logit_bias is not supported", code="unsupported_parameter")
+    for name in ("frequency_penalty", "presence_penalty"):  # accepted and ignored
+        _number(body, name, 0.0, float, -2.0, 2.0)
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise APIError(400, "'user' must be a string", code="invalid_value")
+
+
 def _generation_request(
     body: dict, settings: ServerSettings, adapter, ids: list[int]
 ) -> GenerationRequest:
     n = _number(body, "n", 1, int)
     if n != 1:
         raise APIError(400, "only n=1 is supported", code="unsupported_n")
-    if body.get("logprobs") not in (None, False) or body.get("best_of") not in (None, 1):
-        raise APIError(400, "logprobs and best_of are not supported", code="unsupported_parameter")
+    _unsupported(body)
     limit = settings.max_tokens_limit
     max_tokens = _number(body, "max_tokens", None, int)
     if max_tokens is None:

@@ -199,12 +199,26 @@ def serve_cmd(app: App, host, port, bases, preload, max_adapters, api_key, no_ad
     """
     import uvicorn
 
-    from adaptory.adapters.server import ServerSettings, build_runtimes, create_app
+    from adaptory.adapters.server import (
+        ServerSettings,
+        build_runtimes,
+        create_app,
+        uvicorn_options,
+    )
+    from adaptory.registry.errors import ConfigError
 
+    if api_key is None and "ADAPTORY_API_KEY" in os.environ:  # Click reads "" as unset
+        api_key = os.environ["ADAPTORY_API_KEY"]
+    if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
+        raise ConfigError(
+            "the API key (--api-key or ADAPTORY_API_KEY) is empty or has surrounding spaces",
+            hint="set a real key, or unset ADAPTORY_API_KEY and drop --api-key to serve "
+            "without authentication",
+        )
     runtimes = build_runtimes(app.registry, bases=list(bases), preload=list(preload),
                               max_adapters=max_adapters, quant=quant, device=device, force=force)  # fmt: skip
     settings = ServerSettings(
-        api_key=api_key or None, admin=not no_admin, max_batch=max_batch,
+        api_key=api_key, admin=not no_admin, max_batch=max_batch,
         batch_window_ms=batch_window_ms, max_tokens_limit=max_tokens_limit,
         max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
     )  # fmt: skip
@@ -216,6 +230,7 @@ def serve_cmd(app: App, host, port, bases, preload, max_adapters, api_key, no_ad
     app.err.print(f"serving on http://{host}:{port} (auth {auth})", highlight=False)
     os.environ.pop("ADAPTORY_API_KEY", None)  # not inherited by anything this process starts
     config = uvicorn.Config(
-        web, host=host, port=port, log_level=log_level, access_log=log_level == "debug"
-    )
+        web, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
+        **uvicorn_options(settings),
+    )  # fmt: skip
     uvicorn.Server(config).run()

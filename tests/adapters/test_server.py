@@ -309,3 +309,104 @@ def test_oversized_bodies_are_refused_unread(served):
         "/v1/completions", content=chunked(), headers={"Content-Type": "application/json"}
     )
     assert r.status_code == 413
+
+
+def test_classify_truncates_long_texts_to_the_encoders_length(served, tiny_bert_dir):
+    """The tiny BERT has 128 positions but its (MiniLM) tokenizer says 512: a 400-token text
+    used to overflow the position table (500). Oracle: PEFT on the text cut to 128 tokens."""
+    import torch
+    from peft import PeftModel
+
+    from adaptory.adapters.base import load_base
+
+    client, _, _, folders = served
+    long_text = " ".join(["the battery lasts all day and the screen is bright"] * 40)
+    texts = [long_text, "great product"]
+    r = client.post("/v1/classify", json={"model": "sentiment", "input": texts})
+    assert r.status_code == 200, r.text
+    base = load_base(str(tiny_bert_dir), task="seq-cls", labels=["neg", "pos"])
+    assert (
+        len(base.tokenizer(long_text)["input_ids"])
+        > 128
+        == base.model.config.max_position_embeddings
+    )
+    model = PeftModel.from_pretrained(base.model, str(folders["sentiment"])).eval()
+    for text, got in zip(texts, r.json()["data"], strict=True):
+        enc = base.tokenizer(text, truncation=True, max_length=128, return_tensors="pt")
+        with torch.inference_mode():
+            probs = torch.softmax(model(**enc).logits.float(), dim=-1)[0]
+        assert got["label"] == ["neg", "pos"][int(probs.argmax())]
+        assert [got["scores"]["neg"], got["scores"]["pos"]] == pytest.approx(
+            probs.tolist(), abs=1e-4
+        )
+
+
+def test_unloading_an_adapter_in_use_is_a_409(served, tiny_llama_dir):
+    client, _, runtimes, _ = served
+    rt = _causal(runtimes, tiny_llama_dir)
+    held = rt.load("lora-b", pin=True)  # what a running row does to its adapter
+    try:
+        r = client.post("/v1/adapters/unload", json={"model": "lora-b"})
+        assert r.status_code == 409, r.text
+        error = r.json()["error"]
+        assert error["code"] == "adapter_in_use" and "lora-b:1" in error["message"]
+        assert "lora-b:1" in rt.resident()
+    finally:
+        rt._release(held)
+    r = client.post("/v1/adapters/unload", json={"model": "lora-b"})
+    assert r.status_code == 200 and r.json()["unloaded"] is True
+
+
+TEXT = {"model": "lora-a", "prompt": "the cat", "max_tokens": 2}
+CHAT = {"model": "lora-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+BAD_FIELDS = [
+    (TEXT, {"stream": "false"}, "'stream' must be true or false"),
+    (TEXT, {"stream": 1}, "'stream' must be true or false"),
+    (TEXT, {"stream": True, "stream_options": "yes"}, "'stream_options' must be an object"),
+    (TEXT, {"stream": True, "stream_options": [1]}, "'stream_options' must be an object"),
+    (TEXT, {"stream": True, "stream_options": {"include_usage": "yes"}}, "include_usage"),
+    (TEXT, {"stream_options": 5}, "'stream_options' must be an object"),
+    (TEXT, {"best_of": True}, "best_of"),
+    (TEXT, {"best_of": 2}, "best_of"),
+    (TEXT, {"best_of": "1"}, "best_of"),
+    (TEXT, {"logprobs": 0}, "logprobs"),
+    (TEXT, {"logprobs": 3}, "logprobs"),
+    (CHAT, {"logprobs": True}, "logprobs"),
+    (CHAT, {"top_logprobs": 2}, "top_logprobs"),
+    (TEXT, {"echo": True}, "echo"),
+    (TEXT, {"echo": "no"}, "'echo' must be true or false"),
+    (TEXT, {"suffix": "!"}, "suffix"),
+    (TEXT, {"logit_bias": {"5": 100}}, "logit_bias"),
+    (TEXT, {"logit_bias": [5]}, "'logit_bias' must be an object"),
+    (TEXT, {"frequency_penalty": "high"}, "frequency_penalty"),
+    (TEXT, {"presence_penalty": 3}, "presence_penalty"),
+    (TEXT, {"user": 42}, "'user' must be a string"),
+    (TEXT, {"n": True}, "'n' must be an integer"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     "messages[0].content[0]: 'text' must be a string"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
+     "'text' must be a string"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+     "'text' must be a string"),
+    (CHAT, {"messages": [{"role": "user", "content": ["hi"]}]}, "only text content"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("base", "change", "needle"), BAD_FIELDS, ids=[f"{b is CHAT}-{c}" for b, c, _ in BAD_FIELDS]
+)
+def test_every_field_is_type_checked_before_a_job_is_queued(
+    served, tiny_llama_dir, base, change, needle
+):
+    """These used to reach the scheduler (stream_options: a job ran, then a plain-text 500) or
+    pass as something else ("false" streamed, True counted as best_of 1, 0 as logprobs off)."""
+    client, *_ = served
+    scheduler = client.app.state.schedulers[str(tiny_llama_dir)]
+    admitted = scheduler.admitted
+    path = "/v1/chat/completions" if base is CHAT else "/v1/completions"
+    r = client.post(path, json={**base, **change})
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"] == "application/json"
+    error = r.json()["error"]
+    assert needle in error["message"] and error["type"] == "invalid_request_error"
+    assert scheduler.admitted == admitted and scheduler.inbox.empty()

@@ -15,7 +15,7 @@ import pytest
 from reliability_helpers import ThreadedServer
 from serving_helpers import make_lora, make_prefix, register
 
-from adaptory.adapters.server import ServerSettings, build_runtimes, create_app
+from adaptory.adapters.server import ServerSettings, build_runtimes, create_app, uvicorn_options
 from adaptory.registry import Registry
 from adaptory.registry.testing import make_lora_folder
 
@@ -43,7 +43,7 @@ def live(tmp_path_factory, tiny_llama_dir):
     runtimes = build_runtimes(reg, bases=[str(tiny_llama_dir)], preload=["lora-a"])
     settings = ServerSettings(api_key=KEY, batch_window_ms=20, **LIMITS)
     app = create_app(runtimes, registry=reg, settings=settings)
-    with ThreadedServer(app, timeout_keep_alive=5) as url:
+    with ThreadedServer(app, **uvicorn_options(settings)) as url:  # as `adaptory serve` runs it
         with httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:
             yield url, client, app
     print(f"\nHOSTILE-HTTP inputs tried: {COUNTS}")
@@ -166,7 +166,16 @@ ABUSE = [
     ("messages content list of images", {"model": "lora-a", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text"),
     ("messages role object", {"model": "lora-a", "messages": [{"role": {}, "content": "x"}]}, "role"),
     ("unknown role", {"model": "lora-a", "messages": [{"role": "wizard", "content": "x"}], "max_tokens": 2}, None),
-    ("stream as string", {"model": "lora-a", "prompt": "x", "max_tokens": 2, "stream": "yes"}, None),
+    ("stream as string", {"model": "lora-a", "prompt": "x", "max_tokens": 2, "stream": "yes"}, "stream"),
+    ("stream 'false'", {"model": "lora-a", "prompt": "x", "max_tokens": 2, "stream": "false"}, "stream"),
+    ("stream_options a string", {"model": "lora-a", "prompt": "x", "stream": True, "stream_options": "x"}, "stream_options"),
+    ("stream_options a list", {"model": "lora-a", "prompt": "x", "stream": True, "stream_options": []}, "stream_options"),
+    ("include_usage 'yes'", {"model": "lora-a", "prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}}, "include_usage"),
+    ("best_of true", {"model": "lora-a", "prompt": "x", "best_of": True}, "best_of"),
+    ("logprobs 0", {"model": "lora-a", "prompt": "x", "logprobs": 0}, "logprobs"),
+    ("chat part text an int", {"model": "lora-a", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "text"),
+    ("chat part text an object", {"model": "lora-a", "messages": [{"role": "user", "content": [{"type": "text", "text": {"a": 1}}]}]}, "text"),
+    ("classify 129 texts", {"model": "lora-a", "input": ["x"] * 129}, "at most 128"),
     ("classify a generator", {"model": "lora-a", "input": "x"}, "generates text"),
     ("classify 10,000 inputs of ints", {"model": "lora-a", "input": list(range(10_000))}, "input"),
     ("load the base", {"model": f"base:{'x'}"}, None),
@@ -285,18 +294,14 @@ def test_a_client_trickling_its_body_does_not_block_others(live):
 
 
 def test_a_client_that_sends_headers_and_vanishes_changes_nothing(live):
+    """Abandoned bodies leave nothing decoding. (Clients that leave mid-generation, with
+    generations too long to end by themselves: test_server_isolation.py.)"""
     url, client, _ = live
     port = int(url.rsplit(":", 1)[1])
     for _ in range(10):
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
         sock.close()
-    # a streaming client that disconnects after the first event frees its row
-    with client.stream(
-        "POST", "/v1/completions",
-        json={"model": "lora-a", "prompt": "the", "max_tokens": 32, "stream": True},
-    ) as r:  # fmt: skip
-        next(r.iter_lines())
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         metrics = client.get("/metrics").text
@@ -312,3 +317,30 @@ def test_a_client_that_sends_headers_and_vanishes_changes_nothing(live):
         ).status_code
         == 200
     )
+
+
+# --- start-up ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--api-key", ""], {}),
+        (["--api-key", "   "], {}),
+        (["--api-key", " sk-padded "], {}),
+        ([], {"ADAPTORY_API_KEY": ""}),
+        ([], {"ADAPTORY_API_KEY": "\t"}),
+    ],
+    ids=["empty flag", "blank flag", "padded flag", "empty env", "blank env"],
+)
+def test_an_empty_api_key_refuses_to_start(args, env, monkeypatch):
+    """An empty ADAPTORY_API_KEY used to start the server with authentication off."""
+    from click.testing import CliRunner
+
+    from adaptory.cli.main import cli
+
+    monkeypatch.delenv("ADAPTORY_API_KEY", raising=False)
+    result = CliRunner().invoke(cli, ["serve", "--base", "no-such-base", *args], env=env)
+    assert result.exit_code == 2, result.output
+    assert "API key" in result.output and "ADAPTORY_API_KEY" in result.output
+    assert "Traceback" not in result.output and "no-such-base" not in result.output
