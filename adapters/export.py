@@ -137,6 +137,7 @@ def export_merged(
         out.mkdir(parents=True, exist_ok=True)
         merged.save_pretrained(str(out), safe_serialization=True)
         tokenizer.save_pretrained(str(out))
+        readable_by_all(out)
     except OSError as exc:
         raise StorageError(f"writing {out} failed: {exc.strerror or exc}") from exc
     del merged, plain
@@ -234,6 +235,14 @@ def round_trip_base(model, specs: dict[str, dict]) -> int:
             module.weight.data = round_trip_weight(module.weight, spec)
         done += 1
     return done
+
+
+def readable_by_all(folder: Path) -> None:
+    """safetensors writes model.safetensors 0600; an export is meant to be shared (vLLM, other
+    users): files 0644, folders 0755, as `cp` would leave them under the usual umask."""
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def load_standalone(path: Path, task: str, *, device: str = "cpu"):

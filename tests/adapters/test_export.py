@@ -54,6 +54,8 @@ def test_merged_export_loads_without_peft_and_matches(registry, tiny_llama_dir, 
     exports = registry.resolve("a").extra["merged_exports"]
     assert [e["from_weights"] for e in exports] == ["nf4-roundtrip", "original"]
     assert not (tmp_path / "rt" / "adapter_config.json").exists()
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "rt").iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
     code = (
         "import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
         f"p = {str(tmp_path / 'rt')!r}; m = AutoModelForCausalLM.from_pretrained(p); "
