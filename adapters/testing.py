@@ -28,7 +28,7 @@ def make_lora(
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from adaptory.adapters.base import load_base
+    from adaptory.adapters.bases.loading import load_base
 
     loaded = load_base(str(base_dir), task=task, quant="none", device="cpu", labels=labels)
     torch.manual_seed(seed)
@@ -63,7 +63,7 @@ def register_lora(
     **kwargs,
 ):
     """make_lora, then add it to `registry` as `name` with the base's fingerprint; the Entry."""
-    from adaptory.adapters.base import fingerprint_base, resolve_base
+    from adaptory.adapters.bases.loading import fingerprint_base, resolve_base
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_lora(base_dir, Path(tmp) / "a", task=task, labels=labels, **kwargs)

@@ -45,7 +45,7 @@ def build_adapters(root: Path, home: Path, base_dir: Path | None) -> tuple[str, 
     from adaptory.registry import Registry
 
     if base_dir is None:
-        from adaptory.adapters.tinybase import init_base
+        from adaptory.adapters.bases.tiny import init_base
 
         corpus = root / "corpus.txt"
         corpus.write_text(" ".join(PROMPTS * 50) + " the shop sells books and tea. " * 50)

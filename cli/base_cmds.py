@@ -18,7 +18,7 @@ def base_group() -> None:
 
 
 def _target(app: App, name: str, out: Path | None) -> Path:
-    from adaptory.adapters.base import bases_dir, check_base_name
+    from adaptory.adapters.bases.loading import bases_dir, check_base_name
 
     check_base_name(name)
     return out if out is not None else bases_dir(app.home) / name
@@ -55,7 +55,7 @@ def _refuse_existing(target: Path, force: bool) -> None:
 @pass_app
 def base_init(app: App, name, arch, size, corpus, seed, out, force) -> None:
     """Build an untrained Llama-style base NAME with a tokenizer trained on local text."""
-    from adaptory.adapters.tinybase import init_base
+    from adaptory.adapters.bases.tiny import init_base
 
     target = _target(app, name, out)
     _refuse_existing(target, force)
@@ -96,7 +96,7 @@ def base_pretrain(
     app: App, name, corpus, size, steps, seq_len, batch_size, lr, seed, out, force, as_json
 ) -> None:
     """Pretrain a small Llama-style base NAME from scratch on local text (no network)."""
-    from adaptory.adapters.pretrain import pretrain_base
+    from adaptory.adapters.training.pretrain import pretrain_base
 
     target = _target(app, name, out)
     _refuse_existing(target, force)
@@ -130,7 +130,7 @@ def base_pretrain(
 @pass_app
 def base_list(app: App, as_json: bool) -> None:
     """List the built-in bases and those made under HOME/bases."""
-    from adaptory.adapters.base import list_bases
+    from adaptory.adapters.bases.loading import list_bases
 
     rows = list_bases(app.home)
     if as_json:
@@ -165,7 +165,7 @@ def doctor_report(home: Path) -> dict:
     report["home"] = str(home)
     report["home_writable"] = _writable(home)
     report["catalog"] = _catalog_state(home)
-    from adaptory.adapters.base import BUILTIN_BASES
+    from adaptory.adapters.bases.loading import BUILTIN_BASES
 
     minilm = BUILTIN_BASES["minilm"].locate()
     report["minilm"] = str(minilm) if minilm else None
@@ -174,7 +174,7 @@ def doctor_report(home: Path) -> dict:
 
 def _four_bit_works() -> str:
     try:
-        from adaptory.adapters.base import default_device, quiet_transformers
+        from adaptory.adapters.bases.loading import default_device, quiet_transformers
 
         quiet_transformers()  # before bitsandbytes is imported: it warns at import time
         import bitsandbytes as bnb

@@ -60,7 +60,7 @@ def _common(fn):
 
 
 def _settings(device, size, base_dir, repeats, quick, workdir, threads):
-    from adaptory.adapters.base import default_device
+    from adaptory.adapters.bases.loading import default_device
     from adaptory.adapters.bench import BenchSettings
 
     return BenchSettings(

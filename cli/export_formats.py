@@ -25,7 +25,7 @@ def refuse_mixed(ref, merged: bool, fmt: str, all_of_base: bool, base) -> None:
 
 
 def export_merged_cmd(app: App, ref, out: Path, force, dtype, from_weights, as_json) -> None:
-    from adaptory.adapters.export import export_merged
+    from adaptory.adapters.merging.export import export_merged
 
     entry = app.registry.resolve(ref)
     with app.err.status(f"merging {entry.ref} into its base ({from_weights})"):
@@ -70,7 +70,7 @@ def export_merged_cmd(app: App, ref, out: Path, force, dtype, from_weights, as_j
 
 
 def export_vllm_cmd(app: App, ref, out: Path, force, all_of_base, base, as_json) -> None:
-    from adaptory.adapters.export import adapters_of_base, check_vllm, export_vllm
+    from adaptory.adapters.merging.export import adapters_of_base, check_vllm, export_vllm
 
     if all_of_base:
         entries = adapters_of_base(app.registry, base if base else app.registry.resolve(ref))

@@ -7,7 +7,7 @@ import json
 import click
 from rich.table import Table
 
-from adaptory.adapters.merge import COMBINATIONS  # torch-free at import time
+from adaptory.adapters.merging.merge import COMBINATIONS  # torch-free at import time
 from adaptory.cli.main import App, pass_app, styled
 
 
@@ -78,7 +78,7 @@ def merge_cmd(
     result is from the exact weighted sum of the parents' ΔW, and its metrics on the parents'
     eval data next to theirs.
     """
-    from adaptory.adapters.merge import SEPARATE_AB, merge_adapters
+    from adaptory.adapters.merging.merge import SEPARATE_AB, merge_adapters
 
     with app.err.status(f"merging {', '.join(refs)} ({method})"):
         result = merge_adapters(
@@ -158,7 +158,7 @@ def diff_cmd(app: App, ref_a: str, ref_b: str, top: int, as_json: bool) -> None:
     For LoRA the update is ΔW = scaling·B·A; the table shows ‖ΔW‖ of each adapter, the distance
     ‖ΔW_a − ΔW_b‖ and the cosine similarity, the modules that differ most first.
     """
-    from adaptory.adapters.diff import diff_adapters
+    from adaptory.adapters.merging.diff import diff_adapters
 
     diff = diff_adapters(app.registry, ref_a, ref_b)
     if as_json:

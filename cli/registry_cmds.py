@@ -11,9 +11,9 @@ from rich.table import Table
 from rich.tree import Tree
 
 from adaptory.cli.main import App, pass_app, styled
+from adaptory.cli.report.page import human_size
 from adaptory.registry import Entry, Registry
 from adaptory.registry.errors import AdaptoryError, BadInput
-from adaptory.registry.report import human_size
 
 KEY_METRICS = ("accuracy", "f1", "eval_accuracy", "eval_loss", "perplexity", "loss")
 LIST_JSON_FIELDS = (
@@ -174,7 +174,7 @@ def show_cmd(app: App, ref: str, as_json: bool, plot: Path | None) -> None:
 
     entry = app.registry.resolve(ref)
     if plot is not None:
-        from adaptory.registry.plots import plot_loss
+        from adaptory.cli.report.plots import plot_loss
 
         written = plot_loss(entry, plot)
         if not as_json:

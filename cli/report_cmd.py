@@ -29,7 +29,7 @@ def report_cmd(app: App, out: Path, open_it: bool) -> None:
     graph of merges and imports, and confusion matrices of classifiers. It has no scripts and
     loads nothing: open it from disk, attach it, or archive it.
     """
-    from adaptory.registry.report import write_report
+    from adaptory.cli.report.page import write_report
 
     entries = app.registry.list()
     path = write_report(entries, out, home=app.home)

@@ -31,7 +31,7 @@ def _common(fn):
 
 def _runtime_for(app: App, ref: str | None, base: str | None, quant, device, force, *, task=None):
     """(runtime, adapter reference or None): the adapter's base unless --base says otherwise."""
-    from adaptory.adapters.runtime import Runtime
+    from adaptory.adapters.serving.runtime import Runtime
     from adaptory.registry.errors import BadInput
 
     if ref is not None and ref.startswith(BASE_PREFIX):
@@ -69,7 +69,7 @@ def _runtime_for(app: App, ref: str | None, base: str | None, quant, device, for
 def generate_cmd(app: App, args, base, max_new_tokens, temperature, top_p, seed, stop, as_chat,
                  as_json, quant, device, force) -> None:  # fmt: skip
     """Generate text from PROMPT with adapter REF (or the plain base: --base B, or REF = base:B)."""
-    from adaptory.adapters.runtime import GenerationRequest
+    from adaptory.adapters.serving.runtime import GenerationRequest
 
     if len(args) > 2 or (len(args) == 1 and not base):
         raise click.UsageError("give REF PROMPT, or --base B PROMPT")
@@ -138,7 +138,7 @@ def chat_cmd(
     app: App, ref, base, system, max_new_tokens, temperature, seed, quant, device, force
 ) -> None:
     """Talk to adapter REF through the base's chat template. /exit or end of input quits."""
-    from adaptory.adapters.runtime import GenerationRequest
+    from adaptory.adapters.serving.runtime import GenerationRequest
 
     runtime, adapter = _runtime_for(app, ref, base, quant, device, force, task="causal-lm")
     messages = [{"role": "system", "content": system}] if system else []
@@ -199,7 +199,7 @@ def serve_cmd(app: App, host, port, bases, preload, max_adapters, api_key, no_ad
     """
     import uvicorn
 
-    from adaptory.adapters.server import (
+    from adaptory.adapters.serving.server import (
         ServerSettings,
         build_runtimes,
         create_app,

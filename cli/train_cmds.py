@@ -118,7 +118,7 @@ def train_cmd(app: App, config_file, as_json, fmt, tags, **options) -> None:
     adaptory train --config examples/configs/shout.toml
     adaptory train --resume            # continue the latest interrupted run
     """
-    from adaptory.adapters.train import TrainConfig, train_adapter
+    from adaptory.adapters.training.loop import TrainConfig, train_adapter
 
     options["format"] = fmt
     options["tags"] = list(tags) or None
@@ -163,7 +163,7 @@ def train_cmd(app: App, config_file, as_json, fmt, tags, **options) -> None:
 @pass_app
 def eval_cmd(app: App, ref, data, fmt, limit, no_record, as_json) -> None:
     """Evaluate adapter REF on a data file; the result is stored under metrics.evals."""
-    from adaptory.adapters.evaluate import evaluate_entry
+    from adaptory.adapters.training.evaluate import evaluate_entry
 
     entry = app.registry.resolve(ref)
     status = app.err.status(f"evaluating {entry.ref} on {data.name}")

@@ -51,7 +51,7 @@ def test_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, test_corpus) -> Path:
     """A saved, untrained 2-layer Llama (hidden 64) with a BPE tokenizer trained locally."""
-    from adaptory.adapters.tinybase import init_base
+    from adaptory.adapters.bases.tiny import init_base
 
     out = tmp_path_factory.mktemp("bases") / "tiny-llama"
     init_base(out, size="tiny", corpus=[test_corpus], seed=0)
@@ -64,7 +64,7 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from adaptory.adapters.base import BUILTIN_BASES
+    from adaptory.adapters.bases.loading import BUILTIN_BASES
 
     out = tmp_path_factory.mktemp("bases") / "tiny-bert"
     tokenizer = AutoTokenizer.from_pretrained(str(BUILTIN_BASES["minilm"].locate()))
@@ -84,6 +84,6 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
-    from adaptory.adapters.base import BUILTIN_BASES
+    from adaptory.adapters.bases.loading import BUILTIN_BASES
 
     return BUILTIN_BASES["minilm"].locate()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adaptory.adapters.base import fingerprint_base, load_base, resolve_base
+from adaptory.adapters.bases.loading import fingerprint_base, load_base, resolve_base
 
 
 def make_lora(base_dir: Path, out: Path, *, seed: int, r: int = 4, targets=("q_proj", "v_proj")):

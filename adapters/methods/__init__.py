@@ -2,7 +2,7 @@
 
 A Method names its PEFT type, the tasks it supports, a spec dataclass of its hyperparameters
 (help text in field metadata; field names equal TrainConfig's, so a spec is built from a config)
-and how a spec becomes a PEFT config for a given model.
+and how a spec becomes a PEFT config for a given model. May import: registry.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from safetensors import safe_open
 
-from adaptory.adapters.base import load_base
+from adaptory.adapters.bases.loading import load_base
+from adaptory.adapters.bases.quantize import keep_4bit_trainable
 from adaptory.adapters.methods import METHODS, get_method, methods_for, spec_help
-from adaptory.adapters.train import keep_4bit_trainable
 from adaptory.registry.errors import ConfigError
 
 

@@ -42,7 +42,7 @@ def test_merge_prints_and_records_lineage(pair):
 def _prefix(registry, base_dir, tmp_path):
     from peft import PrefixTuningConfig, get_peft_model
 
-    from adaptory.adapters.base import fingerprint_base, load_base, resolve_base
+    from adaptory.adapters.bases.loading import fingerprint_base, load_base, resolve_base
 
     loaded = load_base(str(base_dir), task="causal-lm", quant="none", device="cpu")
     model = get_peft_model(

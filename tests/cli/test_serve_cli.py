@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from serving_helpers import make_classifier, make_lora, make_prefix, reference_greedy, register
 
-from adaptory.adapters.base import load_base
+from adaptory.adapters.bases.loading import load_base
 from adaptory.cli.main import cli
 from adaptory.registry import Registry
 

@@ -141,7 +141,7 @@ def test_missing_options_and_nothing_to_resume(adaptory_home):
 
 
 def test_help_lists_every_setting():
-    from adaptory.adapters.train import TrainConfig
+    from adaptory.adapters.training.loop import TrainConfig
 
     result = CliRunner().invoke(cli, ["train", "--help"])
     assert result.exit_code == 0

@@ -656,8 +656,8 @@ def test_damage_planted_in_the_store_is_caught_by_verify_and_files(kind, tmp_pat
 
 @pytest.fixture(scope="module")
 def tiny_runtime(tmp_path_factory, tiny_llama_dir):
-    from adaptory.adapters.base import load_base
-    from adaptory.adapters.runtime import Runtime
+    from adaptory.adapters.bases.loading import load_base
+    from adaptory.adapters.serving.runtime import Runtime
 
     reg = Registry(tmp_path_factory.mktemp("hostile-rt") / "home")
     fingerprint = load_base(str(tiny_llama_dir), task="causal-lm").fingerprint.to_dict()
@@ -736,7 +736,7 @@ def test_hostile_adapters_stored_before_the_checks_are_refused_at_load_leaving_n
 ):
     """An entry an older Adaptory let in: loading it is a domain error naming it (a 4xx, never a
     raw exception), it is neither resident nor in the LoRA bank after, and the runtime goes on."""
-    from adaptory.adapters.runtime import GenerationRequest
+    from adaptory.adapters.serving.runtime import GenerationRequest
 
     runtime, fingerprint = tiny_runtime
     reg = runtime.registry
@@ -773,8 +773,8 @@ def test_a_prefix_for_other_heads_is_refused_at_load_and_leaves_nothing_resident
     /v1/adapters/load and from a completion), not resident after, never a 500 mid-batch."""
     from fastapi.testclient import TestClient
 
-    from adaptory.adapters.runtime import GenerationRequest
-    from adaptory.adapters.server import ServerSettings, create_app
+    from adaptory.adapters.serving.runtime import GenerationRequest
+    from adaptory.adapters.serving.server import ServerSettings, create_app
 
     runtime, fingerprint = tiny_runtime
     reg = runtime.registry
@@ -823,7 +823,7 @@ def test_the_lora_bank_refuses_unusable_weights_and_changes_nothing(
     the stacks unchanged."""
     import torch
 
-    from adaptory.adapters.lora_bank import LoraBank
+    from adaptory.adapters.serving.lora_bank import LoraBank
 
     runtime, _ = tiny_runtime
     bank = LoraBank(runtime.model)
@@ -858,7 +858,7 @@ def test_the_lora_bank_refuses_unusable_weights_and_changes_nothing(
 
 
 def test_training_with_target_modules_the_base_lacks_is_a_clear_error(tmp_path, tiny_llama_dir):
-    from adaptory.adapters.train import TrainConfig, train_adapter
+    from adaptory.adapters.training.loop import TrainConfig, train_adapter
 
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "the cat", "completion": " sat"}) + "\n" * 1)

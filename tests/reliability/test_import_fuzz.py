@@ -400,7 +400,7 @@ def _temp(home: Path) -> list[str]:
 
 
 def run_fuzz(count: int, tmp_path: Path, tiny_llama_dir: Path) -> Counter:
-    from adaptory.adapters.runtime import GenerationRequest, Runtime
+    from adaptory.adapters.serving.runtime import GenerationRequest, Runtime
 
     print(f"import fuzz: seed {SEED}, {count} cases (ADAPTORY_FUZZ_SEED={SEED} to replay)")
     home = tmp_path / "home"

@@ -132,7 +132,7 @@ def tokenizer(tiny_llama_dir):
 def test_arbitrary_json_in_data_fields_gives_data_error_with_file_line_field(
     tokenizer, good_lines, row, fmt, suffix
 ):
-    from adaptory.adapters.data import load_dataset
+    from adaptory.adapters.training.data import load_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"data{suffix}"
@@ -170,7 +170,7 @@ def test_arbitrary_json_in_data_fields_gives_data_error_with_file_line_field(
 @settings(max_examples=100, deadline=None)
 @given(st.binary(min_size=1, max_size=200))
 def test_arbitrary_bytes_as_a_data_file_give_data_error(raw):
-    from adaptory.adapters.data import read_rows
+    from adaptory.adapters.training.data import read_rows
 
     with tempfile.TemporaryDirectory() as tmp:
         for suffix in (".jsonl", ".csv", ".parquet"):

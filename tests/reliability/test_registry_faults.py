@@ -208,7 +208,7 @@ def _run_paused(target, args, stage: str, log: Path) -> None:
 
 
 def _train(home: Path, base: Path, data: Path) -> None:
-    from adaptory.adapters.train import TrainConfig, train_adapter
+    from adaptory.adapters.training.loop import TrainConfig, train_adapter
 
     config = TrainConfig(
         base=str(base), data=str(data), name="trained", max_steps=2, batch_size=4, eval_split=0
@@ -217,7 +217,7 @@ def _train(home: Path, base: Path, data: Path) -> None:
 
 
 def _merge(home: Path) -> None:
-    from adaptory.adapters.merge import merge_adapters
+    from adaptory.adapters.merging.merge import merge_adapters
 
     merge_adapters(Registry(home), ["a", "b"], name="merged", method="cat", evaluate=False)
 
@@ -232,8 +232,8 @@ def _train_data(tmp_path: Path) -> Path:
 @pytest.fixture
 def torch_warm(tiny_llama_dir):
     """Import the engine before forking so the children start in milliseconds."""
-    import adaptory.adapters.merge  # noqa: F401
-    import adaptory.adapters.train  # noqa: F401
+    import adaptory.adapters.merging.merge  # noqa: F401
+    import adaptory.adapters.training.loop  # noqa: F401
 
 
 def _check_killed_run(home: Path, name: str, before: set[str]) -> None:

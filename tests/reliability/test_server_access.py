@@ -18,7 +18,7 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from serving_helpers import make_lora, register
 
-from adaptory.adapters.server import ServerSettings, build_runtimes, create_app
+from adaptory.adapters.serving.server import ServerSettings, build_runtimes, create_app
 from adaptory.cli.main import cli
 from adaptory.registry import Registry
 

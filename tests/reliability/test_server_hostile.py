@@ -15,7 +15,12 @@ import pytest
 from reliability_helpers import ThreadedServer
 from serving_helpers import make_lora, make_prefix, register
 
-from adaptory.adapters.server import ServerSettings, build_runtimes, create_app, uvicorn_options
+from adaptory.adapters.serving.server import (
+    ServerSettings,
+    build_runtimes,
+    create_app,
+    uvicorn_options,
+)
 from adaptory.registry import Registry
 from adaptory.registry.testing import make_lora_folder
 

@@ -26,9 +26,14 @@ from reliability_helpers import ThreadedServer
 from safetensors.torch import load_file, save_file
 from serving_helpers import make_classifier, make_lora, make_prefix, register
 
-from adaptory.adapters.runtime import GenerationRequest
-from adaptory.adapters.scheduler import Job, Scheduler
-from adaptory.adapters.server import ServerSettings, build_runtimes, create_app, uvicorn_options
+from adaptory.adapters.serving.runtime import GenerationRequest
+from adaptory.adapters.serving.scheduler import Job, Scheduler
+from adaptory.adapters.serving.server import (
+    ServerSettings,
+    build_runtimes,
+    create_app,
+    uvicorn_options,
+)
 from adaptory.registry import Registry
 from adaptory.registry.errors import InvalidAdapter
 

@@ -1,0 +1,198 @@
+"""Small Llama-style bases built from scratch: a byte-level BPE tokenizer trained on local text
+and a randomly initialised model of a named size. No network at any step.
+
+`adaptory base init` saves such a base untrained; `adaptory base pretrain` (adapters.pretrain)
+then trains it on a corpus so there is a real base to adapt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from adaptory.registry.errors import ConfigError
+
+DEFAULT_CORPUS = Path(__file__).parent / "assets" / "corpus.txt"
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+# Turns are delimited by plain-text role markers and the eos token, so loss masking can find the
+# assistant spans by rendering the conversation prefix by prefix.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Size:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    context: int
+
+
+# Dimensions are multiples of 64 (the 4-bit quantization block size).
+SIZES: dict[str, Size] = {
+    "tiny": Size(
+        hidden=64, intermediate=192, layers=2, heads=4, kv_heads=4, vocab=512, context=256
+    ),
+    "small": Size(
+        hidden=256, intermediate=704, layers=4, heads=8, kv_heads=4, vocab=2048, context=512
+    ),
+    "base": Size(
+        hidden=512, intermediate=1408, layers=8, heads=8, kv_heads=8, vocab=8192, context=1024
+    ),
+}
+ARCHS = ("llama",)
+
+
+def read_corpus(files: Iterable[Path]) -> list[str]:
+    texts = []
+    for file in files:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"corpus file {path} does not exist")
+        text = path.read_text(encoding="utf-8", errors="strict")
+        if not text.strip():
+            raise ConfigError(f"corpus file {path} is empty")
+        texts.append(text)
+    return texts
+
+
+def corpus_digest(texts: list[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def build_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on `texts`; every byte sequence stays encodable."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    lines = [line for text in texts for line in text.splitlines() if line.strip()]
+    tok.train_from_iterator(lines, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=4096,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_model(size: str, vocab_size: int, tokenizer, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dims = SIZES[size]
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=dims.hidden,
+        intermediate_size=dims.intermediate,
+        num_hidden_layers=dims.layers,
+        num_attention_heads=dims.heads,
+        num_key_value_heads=dims.kv_heads,
+        max_position_embeddings=dims.context,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def count_params(model) -> int:
+    seen, total = set(), 0
+    for param in model.parameters():
+        if id(param) not in seen:
+            seen.add(id(param))
+            total += param.numel()
+    return total
+
+
+def save_base(model, tokenizer, out: Path, info: dict) -> Path:
+    """Write the base atomically (temp folder + rename): a crash leaves no half-written base."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "adaptory_base.json").write_text(json.dumps(info, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def init_base(
+    out: Path,
+    *,
+    arch: str = "llama",
+    size: str = "tiny",
+    corpus: list[Path] | None = None,
+    seed: int = 0,
+    vocab_size: int | None = None,
+    description: str = "",
+):
+    """Build an untrained base (tokenizer trained on `corpus`) and save it to `out`.
+
+    Returns (model, tokenizer, info) so `pretrain` can continue without reloading.
+    """
+    from adaptory.adapters.bases.loading import quiet_transformers
+
+    quiet_transformers()
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown architecture '{arch}'", hint=f"choose one of {ARCHS}")
+    if size not in SIZES:
+        raise ConfigError(f"unknown size '{size}'", hint=f"choose one of {', '.join(SIZES)}")
+    files = list(corpus) if corpus else [DEFAULT_CORPUS]
+    texts = read_corpus(files)
+    vocab = vocab_size or SIZES[size].vocab
+    tokenizer = build_tokenizer(texts, vocab)
+    model = build_model(size, len(tokenizer), tokenizer, seed=seed)
+    info = {
+        "arch": arch,
+        "size": size,
+        "params": count_params(model),
+        "vocab_size": len(tokenizer),
+        "seed": seed,
+        "corpus": [str(f) for f in files],
+        "corpus_digest": corpus_digest(texts),
+        "pretrained": False,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "description": description or f"{arch} {size}, untrained (adaptory base init)",
+    }
+    save_base(model, tokenizer, out, info)
+    return model, tokenizer, info

@@ -1,0 +1,77 @@
+"""Benchmarks: adapter swap cost, mixed-adapter serving throughput, memory per adapter, training.
+
+Each `bench_*` function returns a JSON-able dict. Every compared variant is measured in the same
+process, interleaved (variant order rotates each repeat), after one untimed warm-up run of each,
+and reported as median seconds over the repeats plus ratios of medians: on a shared machine
+absolute timings drift, but variants measured side by side drift together. One module per
+benchmark over a shared harness; may import every other room.
+
+The model-level serving paths share one decode loop (`greedy_decode`: left-padded prefill, then
+one token per step with a KV cache), so they differ only in how adapters are applied:
+the plain base, Adaptory's `LoraBank` (one gathered bmm per adapted layer), PEFT's mixed batch
+(`adapter_names=` on every forward) and PEFT swap-per-group (`set_adapter`, one sub-batch each).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from adaptory.adapters.bench.harness import (
+    BenchSettings,
+    default_workdir,
+    greedy_decode,
+    load_bench_base,
+    lora_shapes,
+    machine_info,
+    make_adapters,
+    peft_with_adapters,
+    prompts,
+    read_adapter,
+    write_json,
+)
+from adaptory.adapters.bench.http import bench_http, serve_available, wait_healthy
+from adaptory.adapters.bench.memory import bench_memory
+from adaptory.adapters.bench.serve import bench_serve, plot_serve
+from adaptory.adapters.bench.swap import bench_swap
+from adaptory.adapters.bench.train import bench_train
+
+__all__ = [
+    "BENCHES",
+    "BenchSettings",
+    "bench_http",
+    "bench_memory",
+    "bench_serve",
+    "bench_swap",
+    "bench_train",
+    "default_workdir",
+    "greedy_decode",
+    "load_bench_base",
+    "lora_shapes",
+    "machine_info",
+    "make_adapters",
+    "peft_with_adapters",
+    "plot_serve",
+    "prompts",
+    "read_adapter",
+    "run_bench",
+    "serve_available",
+    "wait_healthy",
+    "write_json",
+]
+
+BENCHES: dict[str, Callable[..., dict]] = {
+    "swap": bench_swap,
+    "serve": bench_serve,
+    "memory": bench_memory,
+    "train": bench_train,
+    "http": bench_http,
+}
+
+
+def run_bench(name: str, settings: BenchSettings, **kwargs) -> dict:
+    """Run one benchmark and stamp it with the machine and the time."""
+    result = BENCHES[name](settings, **kwargs)
+    result["machine"] = machine_info(settings.device)
+    result["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return result

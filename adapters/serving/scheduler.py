@@ -1,0 +1,301 @@
+"""The server's scheduler: gathers concurrent requests for one base into mixed-adapter batches.
+
+One worker thread per runtime owns a `DecodeBatch`. Batching is continuous: between two decode
+steps the worker admits newly arrived requests (prefilled together, merged into the running
+cache) up to `max_batch` rows, and finished or cancelled rows leave. When idle, the first
+arrival opens a short window (`window_s`) to gather company before the first prefill.
+A row that fails alone (a broken adapter's NaN logits) ends alone; the others go on.
+
+Classification runs in bounded chunks (at most `classify_rows` rows and `classify_tokens`
+padded tokens per encoder pass), one chunk per turn of the loop, taken round-robin from the
+waiting requests: a 200-text request cannot hold up a one-text request for more than a chunk.
+
+Events reach asyncio through `loop.call_soon_threadsafe`; torch releases the GIL while it
+computes, so the event loop keeps serving. `stop()` refuses new work and drains the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from adaptory.adapters.serving.runtime import DecodeBatch, GenerationRequest, Runtime
+from adaptory.registry.errors import AdaptoryError
+
+
+class SchedulerClosed(AdaptoryError):
+    """The server is shutting down and takes no new work."""
+
+
+@dataclass
+class Job:
+    """One request in flight; its events land on `events` (an asyncio.Queue) in order:
+    ("text", delta)*, then ("done", GenerationResult | list[dict]) or ("error", exception)."""
+
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    generation: GenerationRequest | None = None
+    classify: list[tuple[str, str]] | None = None
+    cancelled: bool = False
+    row: Any = None
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def emit(self, kind: str, value: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the loop is gone (client and server both went away)
+            pass
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Scheduler:
+    """Mixed-adapter batching for one runtime, continuous between decode steps."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        max_batch: int = 8,
+        window_s: float = 0.005,
+        classify_rows: int = 16,
+        classify_tokens: int = 4096,
+    ) -> None:
+        self.runtime = runtime
+        self.max_batch = max(1, max_batch)
+        self.window_s = max(0.0, window_s)
+        self.classify_rows = max(1, classify_rows)
+        self.classify_tokens = max(1, classify_tokens)
+        self.inbox: queue.Queue[Job | None] = queue.Queue()
+        self.batch = DecodeBatch(runtime)
+        self.jobs: dict[int, Job] = {}  # id(row) -> job
+        self.classifying: deque[_Classification] = deque()  # worker thread only
+        self.closing = False
+        self.steps = 0
+        self.batch_rows = 0  # sum of active rows over steps (mean batch size = rows / steps)
+        self.admitted = 0  # generation rows that joined the batch
+        self.cancelled = 0  # requests dropped because their client went away
+        self.classify_backlog = 0  # texts waiting to be classified
+        self._thread = threading.Thread(target=self._run, name="adaptory-scheduler", daemon=True)
+        self._thread.start()
+
+    @property
+    def active(self) -> int:
+        return self.batch.active
+
+    def submit(self, job: Job) -> Job:
+        if self.closing:
+            raise SchedulerClosed("the server is shutting down")
+        self.inbox.put(job)
+        return job
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Take no new jobs, finish the queued and running ones, then end the worker."""
+        self.closing = True
+        self.inbox.put(None)
+        self._thread.join(timeout)
+
+    # -- worker -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stopping = False
+        while True:
+            waiting: list[Job] = []
+            if not self.batch.active and not self.classifying:
+                if stopping and self.inbox.empty():
+                    return
+                first = self.inbox.get()
+                if first is None:
+                    stopping = True
+                    continue
+                waiting.append(first)
+                deadline = time.monotonic() + self.window_s
+                while len(waiting) < self.max_batch:
+                    left = deadline - time.monotonic()
+                    try:
+                        job = self.inbox.get(timeout=left) if left > 0 else self.inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        stopping = True
+                        break
+                    waiting.append(job)
+            room = self.max_batch - self.batch.active - len(waiting)
+            while room > 0:
+                try:
+                    job = self.inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    continue
+                waiting.append(job)
+                room -= 1
+            try:
+                self._queue_classify([j for j in waiting if j.classify is not None])
+                self._admit([j for j in waiting if j.generation is not None])
+                self._drop_cancelled()
+                self._classify_chunk()
+                if self.batch.active:
+                    self.steps += 1
+                    self.batch_rows += self.batch.active
+                    for row in self.batch.step():
+                        self._finish(row)
+            except Exception as exc:  # a bug, not a bad request: fail what is running, go on
+                for row in list(self.batch.rows):
+                    job = self.jobs.pop(id(row), None)
+                    if job:
+                        job.emit("error", exc)
+                self.batch.drop(list(self.batch.rows), reason="error")
+
+    # -- classification ---------------------------------------------------------------------
+
+    def _queue_classify(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            if job.cancelled:
+                self.cancelled += 1
+                continue
+            try:
+                lengths = self.runtime.classify_lengths([text for _, text in job.classify])
+            except Exception as exc:
+                job.emit("error", exc)
+                continue
+            self.classifying.append(_Classification(job, lengths))
+            self.classify_backlog += len(lengths)
+
+    def _classify_chunk(self) -> None:
+        """Classify one bounded chunk, taken from the waiting requests in turn."""
+        for work in [w for w in self.classifying if w.job.cancelled]:
+            self.classifying.remove(work)
+            self.classify_backlog -= work.left
+            self.cancelled += 1
+        if not self.classifying:
+            return
+        parts: list[tuple[_Classification, int]] = []  # (request, rows taken from it)
+        rows, longest = 0, 0
+        for work in self.classifying:
+            taken = 0
+            while work.done + taken < len(work.lengths) and rows < self.classify_rows:
+                length = max(longest, work.lengths[work.done + taken])
+                if rows and length * (rows + 1) > self.classify_tokens:  # padded tokens
+                    break
+                longest, taken, rows = length, taken + 1, rows + 1
+            if taken:
+                parts.append((work, taken))
+            if work.done + taken < len(work.lengths):  # this chunk is full
+                break
+        items = [
+            work.job.classify[i]
+            for work, taken in parts
+            for i in range(work.done, work.done + taken)
+        ]
+        try:
+            results = self.runtime.classify_mixed(items)
+        except Exception:
+            results = None
+        start = 0
+        for work, taken in parts:
+            try:  # a chunk that failed runs again per request, so a broken one fails alone
+                if results is not None:
+                    got = results[start : start + taken]
+                else:
+                    got = self.runtime.classify_mixed(
+                        work.job.classify[work.done : work.done + taken]
+                    )
+            except Exception as exc:
+                work.job.emit("error", exc)
+                work.failed = True
+                got = []
+            start += taken
+            work.results.extend(got)
+        # the requests served this turn go to the back of the line unless they are over
+        for work, taken in parts:
+            self.classifying.remove(work)
+            self.classify_backlog -= work.left if work.failed else taken
+            if work.failed:
+                continue
+            if work.left:
+                self.classifying.append(work)
+            else:
+                work.job.emit("done", work.results)
+
+    # -- generation -------------------------------------------------------------------------
+
+    def _admit(self, jobs: list[Job]) -> None:
+        ready = []
+        for job in jobs:
+            if job.cancelled:  # its client went away while it waited
+                self.cancelled += 1
+                continue
+            try:  # load (or refuse) each adapter alone, so a broken one fails only its request
+                if job.generation.adapter is not None:
+                    self.runtime.load(job.generation.adapter, count_hit=False)
+                ready.append(job)
+            except Exception as exc:
+                job.emit("error", exc)
+        if not ready:
+            return
+        try:
+            rows = self.batch.add_many([(j.generation, self._sink(j)) for j in ready])
+            pairs = list(zip(ready, rows, strict=True))
+        except Exception:  # add_many is all or nothing: retry one by one to isolate the cause
+            pairs = []
+            for job in ready:
+                try:
+                    pairs.append((job, self.batch.add(job.generation, on_text=self._sink(job))))
+                except Exception as exc:
+                    job.emit("error", exc)
+        self.admitted += len(pairs)
+        for job, row in pairs:
+            job.row = row
+            if row.error is not None:  # failed at its first token, alone
+                job.emit("error", row.error)
+            elif row.result is not None:  # finished at its first token
+                job.emit("done", row.result)
+            else:
+                self.jobs[id(row)] = job
+
+    @staticmethod
+    def _sink(job: Job):
+        return lambda text: job.emit("text", text)
+
+    def _drop_cancelled(self) -> None:
+        gone = [row for row in self.batch.rows if (job := self.jobs.get(id(row))) and job.cancelled]
+        if gone:
+            self.batch.drop(gone, reason="cancelled")
+            self.cancelled += len(gone)
+            for row in gone:
+                self.jobs.pop(id(row), None)
+
+    def _finish(self, row) -> None:
+        job = self.jobs.pop(id(row), None)
+        if job is None:
+            return
+        if row.error is not None:
+            job.emit("error", row.error)
+        elif row.result is not None:
+            job.emit("done", row.result)
+
+
+@dataclass
+class _Classification:
+    """A classify request in progress: its texts' token counts and the results so far."""
+
+    job: Job
+    lengths: list[int]
+    results: list[dict] = field(default_factory=list)
+    failed: bool = False
+
+    @property
+    def done(self) -> int:
+        return len(self.results)
+
+    @property
+    def left(self) -> int:
+        return len(self.lengths) - len(self.results)
