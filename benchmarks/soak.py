@@ -9,6 +9,7 @@ Reports p50/p99 latency, throughput and the RSS slope as JSON.
     python benchmarks/soak.py                 # full: 64 clients, 2,000 requests
     python benchmarks/soak.py --quick         # 8 clients, 80 requests (run by the test suite)
     python benchmarks/soak.py --out soak.json
+    python benchmarks/soak.py --numerics bf16 # measures how often outputs differ (not a failure)
 
 All traffic goes to 127.0.0.1; the request count and every timeout are bounded.
 """
@@ -71,11 +72,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(home: Path, base: str, port: int, log: Path, max_adapters: int):
+def start_server(
+    home: Path, base: str, port: int, log: Path, max_adapters: int, extra: list[str] = ()
+):
     cmd = [
         sys.executable, "-m", "adaptory.cli.main", "--home", str(home), "serve",
         "--base", base, "--port", str(port), "--max-adapters", str(max_adapters),
-        "--log-level", "warning",
+        "--log-level", "warning", *extra,
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(log, "wb") as out:
@@ -150,7 +153,16 @@ def metric(text: str, name: str) -> float:
     )
 
 
-def soak(clients: int, requests: int, max_adapters: int, base_dir: Path | None, seed: int) -> dict:
+def soak(
+    clients: int,
+    requests: int,
+    max_adapters: int,
+    base_dir: Path | None,
+    seed: int,
+    *,
+    numerics: str = "auto",
+    device: str | None = None,
+) -> dict:
     import httpx
 
     with tempfile.TemporaryDirectory(prefix="adaptory-soak-") as tmp:
@@ -160,7 +172,8 @@ def soak(clients: int, requests: int, max_adapters: int, base_dir: Path | None, 
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         log = root / "server.log"
-        proc = start_server(home, base, port, log, max_adapters)
+        extra = ["--numerics", numerics] + (["--device", device] if device else [])
+        proc = start_server(home, base, port, log, max_adapters, extra)
         try:
             from adaptory.adapters.bench import wait_healthy
 
@@ -226,7 +239,9 @@ def soak(clients: int, requests: int, max_adapters: int, base_dir: Path | None, 
             "distinct_outputs_across_models": distinct,
             "errors": len(errors),
             "first_errors": errors[:3],
+            "numerics": numerics,
             "mismatches": len(mismatches),
+            "mismatch_rate": round(len(mismatches) / max(1, len(results)), 5),
             "mismatches_by_model": dict(Counter(job[0] for job, *_ in mismatches)),
             "mismatches_equal_to_base_output": sum(
                 1 for job, text, _ in mismatches if text == reference[f"base:{base}", job[1]]
@@ -254,7 +269,8 @@ def soak(clients: int, requests: int, max_adapters: int, base_dir: Path | None, 
         }
         report["ok"] = (
             report["errors"] == 0
-            and report["mismatches"] == 0
+            # fp32 promises identical greedy outputs; bf16's divergence is measured, not failed
+            and (report["mismatches"] == 0 or numerics == "bf16")
             and report["load_failures"] == 0
             and report["evictions"] > 0
             and report["base_loads"] == 1
@@ -273,10 +289,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", type=Path, help="a saved causal-LM base (default: build tiny)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the JSON report here too")
+    parser.add_argument("--numerics", choices=["auto", "fp32", "bf16"], default="auto")
+    parser.add_argument("--device", help="cpu, cuda, … (default: the server's)")
     args = parser.parse_args(argv)
     clients = args.clients or (8 if args.quick else 64)
     requests = args.requests or (80 if args.quick else 2000)
-    report = soak(clients, requests, args.max_adapters, args.base, args.seed)
+    report = soak(
+        clients, requests, args.max_adapters, args.base, args.seed,
+        numerics=args.numerics, device=args.device,
+    )  # fmt: skip
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

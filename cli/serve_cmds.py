@@ -17,6 +17,35 @@ from adaptory.cli.main import App, pass_app, styled
 BASE_PREFIX = "base:"
 
 
+def _log_to_stderr(level: str) -> None:
+    """The serving log (decode mode per base, a failed graph capture) next to uvicorn's."""
+    import logging
+
+    logger = logging.getLogger("adaptory")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())
+
+
+class BatchLimit(click.ParamType):
+    """`auto` or a positive number of rows."""
+
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):
+        if value is None or value == "auto":
+            return None
+        try:
+            rows = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither 'auto' nor a number of rows", param, ctx)
+        if rows < 1:
+            self.fail(f"{rows} rows: at least 1", param, ctx)
+        return rows
+
+
 def _common(fn):
     fn = click.option("--quant", type=click.Choice(["nf4", "fp4", "int8", "none"]), default="nf4",
                       show_default=True, help="How to load the base.")(fn)  # fmt: skip
@@ -174,8 +203,18 @@ def chat_cmd(
 @click.option("--api-key", envvar="ADAPTORY_API_KEY", show_envvar=True, default=None,
               help="Require 'Authorization: Bearer KEY' on every endpoint but /health.")  # fmt: skip
 @click.option("--no-admin", is_flag=True, help="Disable /v1/adapters/load and /unload.")
-@click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True,
-              help="Most rows decoding together per base.")  # fmt: skip
+@click.option("--max-batch", type=BatchLimit(), default="auto", show_default=True,
+              help="Most rows decoding together per base; auto: as many as half the free GPU "
+                   "memory (a quarter of free RAM) holds as KV cache, at most 256.")  # fmt: skip
+@click.option("--numerics", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
+              show_default=True,
+              help="Compute dtype. fp32: a request's greedy output in a batch equals it sent "
+                   "alone; bf16: faster on GPUs, logits within 0.5 (docs/SERVER.md). auto: fp32 "
+                   "on CPU, bf16 on GPU.")  # fmt: skip
+@click.option("--decode", "decode_mode", type=click.Choice(["auto", "eager", "cuda-graphs", "compile"]),
+              default="auto", show_default=True,
+              help="How decode steps run; auto: CUDA graphs on a GPU (eager if capture fails), "
+                   "eager on CPU.")  # fmt: skip
 @click.option("--batch-window-ms", type=click.FloatRange(0), default=5.0, show_default=True,
               help="How long an idle scheduler waits to gather a batch.")  # fmt: skip
 @click.option("--max-tokens-limit", type=click.IntRange(1), default=512, show_default=True,
@@ -188,8 +227,8 @@ def chat_cmd(
 @_common
 @pass_app
 def serve_cmd(app: App, host, port, bases, preload, max_adapters, api_key, no_admin, max_batch,
-              batch_window_ms, max_tokens_limit, max_prompt_tokens, max_body_bytes, log_level,
-              quant, device, force) -> None:  # fmt: skip
+              numerics, decode_mode, batch_window_ms, max_tokens_limit, max_prompt_tokens,
+              max_body_bytes, log_level, quant, device, force) -> None:  # fmt: skip
     """Serve adapters over an OpenAI-compatible HTTP API (completions, chat, classify).
 
     \b
@@ -216,7 +255,8 @@ def serve_cmd(app: App, host, port, bases, preload, max_adapters, api_key, no_ad
             "without authentication",
         )
     runtimes = build_runtimes(app.registry, bases=list(bases), preload=list(preload),
-                              max_adapters=max_adapters, quant=quant, device=device, force=force)  # fmt: skip
+                              max_adapters=max_adapters, quant=quant, device=device, force=force,
+                              numerics=numerics, decode=decode_mode)  # fmt: skip
     settings = ServerSettings(
         api_key=api_key, admin=not no_admin, max_batch=max_batch,
         batch_window_ms=batch_window_ms, max_tokens_limit=max_tokens_limit,
@@ -224,11 +264,13 @@ def serve_cmd(app: App, host, port, bases, preload, max_adapters, api_key, no_ad
     )  # fmt: skip
     web = create_app(runtimes, registry=app.registry, settings=settings)
     for ref, rt in runtimes.items():
-        app.err.print(f"base {ref} ({rt.task}, {rt.base.quant}); resident: {', '.join(rt.resident()) or '-'}",
+        app.err.print(f"base {ref} ({rt.task}, {rt.base.quant}, {rt.numerics.name} on "
+                      f"{rt.base.device}); resident: {', '.join(rt.resident()) or '-'}",
                       highlight=False)  # fmt: skip
     auth = "on" if settings.api_key else "off"
     app.err.print(f"serving on http://{host}:{port} (auth {auth})", highlight=False)
     os.environ.pop("ADAPTORY_API_KEY", None)  # not inherited by anything this process starts
+    _log_to_stderr(log_level)
     config = uvicorn.Config(
         web, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
         **uvicorn_options(settings),

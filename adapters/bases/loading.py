@@ -311,7 +311,7 @@ def compute_dtype(device: str):
     return torch.float32
 
 
-def quantization_config(quant: str, device: str, skip_modules: list[str]):
+def quantization_config(quant: str, device: str, skip_modules: list[str], dtype=None):
     from transformers import BitsAndBytesConfig
 
     if quant not in QUANTS:
@@ -324,7 +324,7 @@ def quantization_config(quant: str, device: str, skip_modules: list[str]):
         load_in_4bit=True,
         bnb_4bit_quant_type=quant,
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype(device),
+        bnb_4bit_compute_dtype=dtype or compute_dtype(device),
         llm_int8_skip_modules=skip_modules,
     )
 
@@ -366,11 +366,14 @@ def load_base(
     labels: list[str] | None = None,
     seed: int = 0,
     home: Path | None = None,
+    dtype: str | None = None,
 ) -> LoadedBase:
     """Load a base for `task` (causal-lm or seq-cls), quantized unless quant='none'.
 
     For seq-cls, `labels` sizes the new head; the head is initialised from `seed` so the same
-    seed gives the same adapter, and it is kept out of quantization.
+    seed gives the same adapter, and it is kept out of quantization. `dtype` ("float32",
+    "bfloat16", ...) sets the compute dtype and that of every unquantized weight; None keeps
+    the device's default compute dtype and the checkpoint's own dtype for the rest.
     """
     import torch
 
@@ -382,13 +385,16 @@ def load_base(
         raise ConfigError(f"unknown task '{task}'", hint=f"choose one of {TASKS}")
     device = device or default_device()
     skip = SEQ_CLS_SKIP_MODULES if task == "seq-cls" else CAUSAL_SKIP_MODULES
-    qconfig = quantization_config(quant, device, skip)
+    chosen = getattr(torch, dtype) if dtype else None
+    qconfig = quantization_config(quant, device, skip, chosen)
     kwargs: dict[str, Any] = {}
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
         kwargs["device_map"] = {"": device if device != "cuda" else 0}
+        if chosen is not None:
+            kwargs["dtype"] = chosen
     else:
-        kwargs["dtype"] = compute_dtype(device)
+        kwargs["dtype"] = chosen or compute_dtype(device)
     torch.manual_seed(seed)
     if task == "seq-cls":
         from transformers import AutoModelForSequenceClassification

@@ -99,6 +99,9 @@ class LoraBank:
         self._gathered: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._keep_gathered = False
         self.gather_cache_bytes = gather_cache_bytes
+        # bumped whenever a stack is (re)allocated or a hook added: a CUDA graph captured
+        # before reads tensors that are no longer the bank's
+        self.version = 0
         self._modules = dict(model.named_modules())
 
     # --- adapters -------------------------------------------------------------------------------
@@ -191,6 +194,32 @@ class LoraBank:
             self._single = None
             self._gathered = {}
 
+    @contextmanager
+    def rows_from(self, slots: torch.Tensor, *, static: bool = False):
+        """Like `rows`, with each row's bank slot given as a device tensor the caller owns and
+        updates in place (a captured graph's static input). `static`: always the general
+        gathered path, never a shortcut chosen from the slots' current values (a graph replays
+        whatever the values become)."""
+        self._rows = slots
+        if static:
+            self._all_base, self._single = False, None
+        else:
+            values = slots.tolist()
+            self._all_base = not any(values)
+            self._single = values[0] if values and len(set(values)) == 1 else None
+        self._keep_gathered = False
+        self._gathered = {}
+        try:
+            yield
+        finally:
+            self._rows = None
+            self._single = None
+            self._gathered = {}
+
+    def slot_of(self, name: str | None) -> int:
+        """The bank slot a row for adapter `name` uses (0, the zero adapter, for None)."""
+        return 0 if name is None else self.slots[name]
+
     def _hook(self, path: str):
         def add_delta(module, args, output):
             rows = self._rows
@@ -252,6 +281,7 @@ class LoraBank:
             )
             self._stacks[path] = stack
             self._hooks[path] = module.register_forward_hook(self._hook(path))
+            self.version += 1
         elif stack.a.shape[1] < rank:  # a larger rank: pad every slot with zeros
             grow = rank - stack.a.shape[1]
             stack.a = torch.cat(
@@ -260,15 +290,28 @@ class LoraBank:
             stack.b = torch.cat(
                 [stack.b, stack.b.new_zeros(stack.b.shape[0], stack.b.shape[1], grow)], 2
             )
+            self.version += 1
         return stack
 
+    def reserve(self, adapters: int) -> None:
+        """Room for `adapters` resident adapters without reallocating (slot 0 is the zero
+        adapter): the runtime reserves its LRU bound, so memory stays the adapters' size."""
+        if adapters + 1 > self._capacity:
+            self._resize(adapters + 1)
+
     def _grow(self) -> int:
-        slot = self._capacity
-        self._capacity += 1
+        """A free slot past the reserved ones (pinned adapters over the LRU bound): double."""
+        self._resize(self._capacity * 2)
+        return self._free.pop()
+
+    def _resize(self, capacity: int) -> None:
+        extra = capacity - self._capacity
         for stack in self._stacks.values():
-            stack.a = torch.cat([stack.a, stack.a.new_zeros(1, *stack.a.shape[1:])])
-            stack.b = torch.cat([stack.b, stack.b.new_zeros(1, *stack.b.shape[1:])])
-        return slot
+            stack.a = torch.cat([stack.a, stack.a.new_zeros(extra, *stack.a.shape[1:])])
+            stack.b = torch.cat([stack.b, stack.b.new_zeros(extra, *stack.b.shape[1:])])
+        self._free.extend(range(capacity - 1, self._capacity - 1, -1))
+        self._capacity = capacity
+        self.version += 1
 
     def close(self) -> None:
         for handle in self._hooks.values():

@@ -40,9 +40,18 @@ from pathlib import Path
 from typing import Any
 
 from adaptory.adapters.bases.loading import BUILTIN_BASES, LoadedBase, check_fingerprint, load_base
+from adaptory.adapters.bases.numerics import resolve_numerics
+from adaptory.adapters.serving.decode import (
+    BASE,
+    DECODE_MODES,
+    DecodeBatch,
+    GenerationRequest,
+    GenerationResult,
+)
 from adaptory.registry.errors import AdaptoryError, BadInput, ConfigError, InvalidAdapter
 
-BASE = "__base__"  # the routing key of rows that run on the plain base
+__all__ = ["BASE", "AdapterInUse", "GenerationRequest", "GenerationResult", "Runtime"]
+MAX_AUTO_BATCH = 256  # rows; like vLLM's default max_num_seqs
 SERVABLE = {"causal-lm": ("lora", "prefix"), "seq-cls": ("lora",)}
 # LoRA options whose math the mixed-batch layers do not implement; refused at load, not ignored.
 _UNSUPPORTED_LORA = (
@@ -82,63 +91,6 @@ def _strip_key(key: str) -> str:
     return re.sub(r"\.modules_to_save\.[^.]+", "", key)
 
 
-# --- generation types ----------------------------------------------------------------------
-
-
-@dataclass
-class GenerationRequest:
-    """One completion: a prompt (or chat messages, or token ids) for an adapter (None = base)."""
-
-    prompt: str | None = None
-    adapter: str | None = None
-    messages: list[dict] | None = None
-    prompt_ids: list[int] | None = None
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" | "length"
-    prompt_tokens: int
-    completion_tokens: int
-    adapter: str | None  # the resolved reference, name:version
-
-
-@dataclass
-class _Row:
-    request: GenerationRequest
-    key: str  # adapter key or BASE
-    adapter: ResidentAdapter | None
-    prompt_ids: list[int]
-    generator: Any
-    on_text: Callable[[str], None] | None
-    generated: list[int] = field(default_factory=list)
-    text: str = ""
-    sent: int = 0
-    sampled: int = 0
-    finish_reason: str | None = None
-    result: GenerationResult | None = None
-    error: BaseException | None = None  # why this row alone ended early (finish_reason "error")
-    logits: list = field(default_factory=list)  # per step, when the batch keeps them
-
-
-def _holdback(text: str, stops: list[str]) -> int:
-    """How many trailing characters might still turn into a stop sequence (or a split char)."""
-    keep = 1 if text.endswith("\ufffd") else 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
-                keep = max(keep, n)
-                break
-    return keep
-
-
 # --- the runtime ---------------------------------------------------------------------------
 
 
@@ -156,9 +108,16 @@ class Runtime:
         max_adapters: int = 8,
         force: bool = False,
         loaded_base: LoadedBase | None = None,
+        numerics: str = "auto",
+        decode: str = "auto",
     ) -> None:
         if max_adapters < 1:
             raise ConfigError("max_adapters must be at least 1")
+        if decode not in DECODE_MODES:
+            raise ConfigError(
+                f"unknown decode mode '{decode}'", hint=f"choose one of {DECODE_MODES}"
+            )
+        self.decode_mode = decode
         self.base_ref = base_ref
         self.registry = registry
         self.max_adapters = max_adapters
@@ -168,9 +127,18 @@ class Runtime:
                 BUILTIN_BASES[base_ref].default_task if base_ref in BUILTIN_BASES else "causal-lm"
             )
         labels = _PLACEHOLDER_LABELS if task == "seq-cls" else None
+        device = device or (loaded_base.device if loaded_base else None)
+        self.numerics = resolve_numerics(numerics, device)
         self.base: LoadedBase = loaded_base or load_base(
-            base_ref, task=task, quant=quant, device=device, labels=labels, home=registry.home
+            base_ref,
+            task=task,
+            quant=quant,
+            device=device,
+            labels=labels,
+            home=registry.home,
+            dtype=self.numerics.dtype_name,
         )
+        self.numerics.apply()
         self.task = self.base.task
         self.model = self.base.model
         self.tokenizer = self.base.tokenizer
@@ -181,12 +149,16 @@ class Runtime:
         )
 
         self._bank = LoraBank(self.model)
+        self._bank.reserve(max_adapters)  # exact room for the LRU bound: no reallocation later
         self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()
         self.counters = {"base_loads": 1, "loads": 0, "evictions": 0, "hits": 0, "load_failures": 0}
-        forward = inspect.signature(self.model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in forward else "past_key_values"
         config = self.model.config
         self.max_positions = getattr(config, "max_position_embeddings", None)
+        self._generator_batch: DecodeBatch | None = None  # reused by generate()
+        if self.task == "causal-lm":
+            decoder = inspect.signature(self.model.base_model.forward).parameters
+            # transformers 5.2x calls it `cache`; earlier 5.x `past_key_values`
+            self._decoder_cache_kwarg = "cache" if "cache" in decoder else "past_key_values"
 
     # -- adapters ---------------------------------------------------------------------------
 
@@ -400,6 +372,29 @@ class Runtime:
         """The LoRA bank's routing for a forward whose row i runs adapter keys[i]."""
         return self._bank.rows([key if key in self._bank.slots else None for key in keys])
 
+    def _bank_rows(self, slots, *, static: bool = False):
+        """The LoRA bank's routing from a device tensor of bank slots, one per row."""
+        return self._bank.rows_from(slots, static=static)
+
+    def _bank_slot(self, key: str) -> int:
+        """The bank slot of a row for adapter `key` (0: the plain base, or a prefix adapter)."""
+        return self._bank.slot_of(key if key in self._bank.slots else None)
+
+    def max_batch(self, max_seq_len: int, *, budget_bytes: int | None = None) -> int:
+        """How many rows of `max_seq_len` positions a KV cache fits in: `budget_bytes`, or by
+        default half the free GPU memory (a quarter of free RAM on the CPU), at most 256."""
+        from adaptory.adapters.serving.kv_cache import KVShape
+
+        dtype = self.model.get_input_embeddings().weight.dtype
+        per_row = KVShape.of(self.model.config, dtype).bytes_per_token * max_seq_len
+        if budget_bytes is None:
+            budget_bytes = self.numerics.kv_budget_bytes(self.base.device)
+        return max(1, min(MAX_AUTO_BATCH, budget_bytes // per_row))
+
+    def new_batch(self, *, slots: int = 8, length: int | None = None, **kwargs) -> DecodeBatch:
+        """An empty decode batch on this runtime (the scheduler keeps one for its lifetime)."""
+        return DecodeBatch(self, slots=slots, length=length, **kwargs)
+
     # -- text -------------------------------------------------------------------------------
 
     def chat_prompt(self, messages: list[dict]) -> str:
@@ -441,13 +436,22 @@ class Runtime:
         then its error is raised.
         """
         requests = list(requests)
-        batch = DecodeBatch(self)
-        handles = []
-        for i, request in enumerate(requests):
-            callback = (lambda text, i=i: on_text(i, text)) if on_text else None
-            handles.append(batch.add(request, on_text=callback))
-        while batch.active:
-            batch.step()
+        with self.lock:
+            batch, self._generator_batch = self._generator_batch, None
+        if batch is None:
+            batch = DecodeBatch(self, slots=max(1, len(requests)))
+        items = [
+            (request, (lambda text, i=i: on_text(i, text)) if on_text else None)
+            for i, request in enumerate(requests)
+        ]
+        try:
+            handles = batch.add_many(items) if items else []  # one prefill for all of them
+            while batch.active:
+                batch.step()
+        finally:
+            if batch.active:
+                batch.drop(list(batch.rows), reason="error")
+            self._generator_batch = batch  # its buffers (and captured graphs) serve the next call
         for handle in handles:
             if handle.error is not None:
                 raise handle.error
@@ -553,383 +557,3 @@ def _apply_head(head: dict, out, row: int, encoder):
             pooled = hidden[:, 0].float()
         return F.linear(pooled, head["classifier.weight"], head.get("classifier.bias"))[0]
     raise ConfigError("unrecognised classification head (expected classifier.* weights)")
-
-
-# --- the decode loop -----------------------------------------------------------------------
-
-
-class DecodeBatch:
-    """Rows decoding together over one KV cache; rows join (`add`) and leave between steps.
-
-    Layout of the cache along the sequence axis, per row: [masked slots][prefix][prompt][new
-    tokens]; `valid` marks real slots, `positions` is each row's next position id.
-    """
-
-    def __init__(self, runtime: Runtime, *, keep_logits: bool = False) -> None:
-        self.rt = runtime
-        self.keep_logits = keep_logits  # tests and benchmarks compare these with references
-        self.rows: list[_Row] = []
-        self.cache = None  # a transformers DynamicCache, (B, heads, T, head_dim) per layer
-        self.valid = None  # (B, T) bool
-        self.positions = None  # (B,) long
-        self.last = None  # (B,) long: the token to feed next
-
-    @property
-    def active(self) -> int:
-        return len(self.rows)
-
-    def add(self, request: GenerationRequest, *, on_text=None) -> _Row:
-        """Prefill one request into the batch (loads its adapter if needed)."""
-        return self.add_many([(request, on_text)])[0]
-
-    def add_many(self, items: list[tuple[GenerationRequest, Any]]) -> list[_Row]:
-        """Prefill several requests in one forward pass and merge them into the running batch.
-
-        All or nothing: if it raises, no row joined the batch and no text was emitted, so the
-        caller may retry the requests one by one. A row that fails on its own (non-finite
-        logits) joins and ends at once with `error` set; the others are unaffected.
-        """
-        import torch
-
-        rt = self.rt
-        if rt.task != "causal-lm":
-            raise ConfigError(f"base {rt.base_ref} is a {rt.task} base; it cannot generate")
-        rows: list[_Row] = []
-        try:
-            for request, on_text in items:
-                if request.max_new_tokens < 1:
-                    raise BadInput("max_new_tokens must be at least 1")
-                ids = rt.prompt_ids(request)
-                if not ids:
-                    raise BadInput("the prompt is empty")
-                key, adapter = rt._acquire(request.adapter)
-                generator = torch.Generator()
-                generator.manual_seed(
-                    request.seed if request.seed is not None else torch.seed() % 2**63
-                )
-                rows.append(_Row(request, key, adapter, ids, generator, on_text))
-                if rt.max_positions:
-                    need = len(ids) + (adapter.num_virtual_tokens if adapter else 0)
-                    need += request.max_new_tokens
-                    if need > rt.max_positions:
-                        raise BadInput(
-                            f"prompt ({len(ids)} tokens) plus max_new_tokens "
-                            f"({request.max_new_tokens}) exceeds the base's context of "
-                            f"{rt.max_positions} tokens"
-                        )
-        except BaseException:
-            for row in rows:
-                rt._release(row.adapter)
-            raise
-        with rt.lock:
-            try:
-                logits, kv, valid, positions = self._prefill(rows)
-                eos = _eos_ids(rt)
-            except BaseException:
-                for row in rows:
-                    rt._release(row.adapter)
-                raise
-            self._merge(rows, kv, valid, positions)
-            # _advance never raises for one row (it ends that row), so nothing is half-added
-            self._advance(rows, logits, start=len(self.rows) - len(rows), eos=eos)
-        return rows
-
-    def _prefill(self, rows: list[_Row]):
-        import torch
-
-        rt, device = self.rt, self.rt.base.device
-        n = len(rows)
-        prefix_len = max((r.adapter.num_virtual_tokens if r.adapter else 0) for r in rows)
-        length = max(len(r.prompt_ids) for r in rows)
-        pad = rt.tokenizer.pad_token_id or 0
-        input_ids = torch.full((n, length), pad, dtype=torch.long, device=device)
-        valid = torch.zeros((n, prefix_len + length), dtype=torch.bool, device=device)
-        positions = torch.zeros((n, length), dtype=torch.long, device=device)
-        kv = None
-        if prefix_len:
-            cfg = rt.model.config
-            kv = []
-            for layer in range(cfg.num_hidden_layers):
-                ref = next(
-                    r.adapter.prefix[layer][0] for r in rows if r.adapter and r.adapter.prefix
-                )
-                heads, dim = ref.shape[0], ref.shape[2]
-                keys = torch.zeros((n, heads, prefix_len, dim), dtype=ref.dtype, device=device)
-                values = torch.zeros_like(keys)
-                for i, r in enumerate(rows):
-                    if r.adapter is not None and r.adapter.prefix is not None:
-                        k, v = r.adapter.prefix[layer]
-                        keys[i, :, prefix_len - k.shape[1] :] = k
-                        values[i, :, prefix_len - v.shape[1] :] = v
-                kv.append((keys, values))
-        for i, r in enumerate(rows):
-            p = r.adapter.num_virtual_tokens if r.adapter else 0
-            ids = r.prompt_ids
-            input_ids[i, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            valid[i, prefix_len - p : prefix_len] = True
-            valid[i, prefix_len + length - len(ids) :] = True
-            positions[i, length - len(ids) :] = torch.arange(p, p + len(ids))
-        # Prefix rows run on the plain base (LoRA off): their adapter key routes nowhere.
-        keys = [BASE if (r.adapter and r.adapter.prefix is not None) else r.key for r in rows]
-        cache = _new_cache(kv)
-        logits = self._forward(input_ids, positions, valid, cache, keys, prefix_len)
-        return logits, cache, valid, positions[:, -1] + 1
-
-    def _forward(self, input_ids, positions, valid, cache, keys, past_len):
-        """One forward over `input_ids` (B, L) after `past_len` cached slots; last-token logits.
-
-        The mask is passed ready-made (B, 1, L, past_len + L) so transformers neither rebuilds
-        it from the 2D padding mask nor reads packed sequences into left-padded position ids.
-        """
-        import torch
-
-        rt = self.rt
-        length = input_ids.shape[1]
-        total = past_len + length
-        q_index = torch.arange(past_len, total, device=input_ids.device)
-        k_index = torch.arange(total, device=input_ids.device)
-        allowed = (k_index[None, :] <= q_index[:, None])[None] & valid[:, None, :]
-        allowed |= (k_index[None, :] == q_index[:, None])[None]  # padded queries see themselves
-        if getattr(rt.model.config, "_attn_implementation", "sdpa") == "eager":
-            # eager attention adds the mask to the scores; sdpa and others take a boolean mask
-            # (a float one would have to match the query dtype, bf16 on GPUs)
-            dtype = rt.model.dtype
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=input_ids.device)
-            mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        else:
-            mask = allowed
-        with torch.inference_mode(), rt._rows(keys):
-            out = rt.model(
-                input_ids=input_ids,
-                attention_mask=mask[:, None],
-                position_ids=positions,
-                use_cache=True,
-                logits_to_keep=1,
-                **{rt._cache_kwarg: cache},
-            )
-        return out.logits[:, -1].float()
-
-    def _merge(self, rows, cache, valid, positions) -> None:
-        import torch
-
-        zeros = torch.zeros(len(rows), dtype=torch.long, device=valid.device)
-        if self.cache is None or not self.rows:
-            self.rows, self.cache, self.valid, self.positions = list(rows), cache, valid, positions
-            self.last = zeros
-            return
-        a, b = self.valid.shape[1], valid.shape[1]
-        width = max(a, b)
-        old_kv, old_valid = _left_pad(_kv(self.cache), self.valid, width - a)
-        new_kv, new_valid = _left_pad(_kv(cache), valid, width - b)
-        # every new tensor first, then assignments only: a failure leaves the batch as it was
-        merged = [
-            (torch.cat([ok, nk]), torch.cat([ov, nv]))
-            for (ok, ov), (nk, nv) in zip(old_kv, new_kv, strict=True)
-        ]
-        merged_valid = torch.cat([old_valid, new_valid])
-        merged_positions = torch.cat([self.positions, positions])
-        merged_last = torch.cat([self.last, zeros])
-        _set_kv(self.cache, merged)
-        self.valid, self.positions, self.last = merged_valid, merged_positions, merged_last
-        self.rows.extend(rows)
-
-    def step(self) -> list[_Row]:
-        """One decode step for every row; returns the rows that finished (already dropped)."""
-        import torch
-
-        if not self.rows:
-            return []
-        rt = self.rt
-        with rt.lock:
-            self.valid = torch.cat(
-                [
-                    self.valid,
-                    torch.ones((len(self.rows), 1), dtype=torch.bool, device=self.valid.device),
-                ],
-                dim=1,
-            )
-            keys = [
-                BASE if (r.adapter and r.adapter.prefix is not None) else r.key for r in self.rows
-            ]
-            logits = self._forward(
-                self.last[:, None], self.positions[:, None], self.valid, self.cache, keys,
-                self.valid.shape[1] - 1,
-            )  # fmt: skip
-            self.positions = self.positions + 1
-            return self._advance(self.rows, logits, start=0)
-
-    def _advance(self, rows: list[_Row], logits, start: int, eos=None) -> list[_Row]:
-        """Pick each row's next token from `logits` (rows = self.rows[start:]); finish rows.
-
-        A row that cannot go on (non-finite logits, a failing callback) ends alone with `error`
-        set and finish_reason "error"; it never stops the other rows.
-        """
-        rt = self.rt
-        eos = _eos_ids(rt) if eos is None else eos
-        finished = []
-        for i, row in enumerate(rows):
-            try:
-                if self.keep_logits:
-                    row.logits.append(logits[i].clone())
-                token = _sample(logits[i], row.request, row.generator)
-                self.last[start + i] = token
-                row.sampled += 1
-                if token in eos:
-                    row.finish_reason = "stop"
-                else:
-                    row.generated.append(token)
-                    row.text = rt.decode(row.generated)
-                    for stop in row.request.stop:
-                        cut = row.text.find(stop) if stop else -1
-                        if cut >= 0:
-                            row.text = row.text[:cut]
-                            row.finish_reason = "stop"
-                    if (
-                        row.finish_reason is None
-                        and len(row.generated) >= row.request.max_new_tokens
-                    ):
-                        row.finish_reason = "length"
-                self._emit(row)
-            except Exception as exc:
-                row.error, row.finish_reason = self._row_error(row, exc), "error"
-            if row.finish_reason is not None:
-                finished.append(row)
-        if finished:
-            self.drop(finished)
-        return finished
-
-    def _row_error(self, row: _Row, exc: Exception) -> BaseException:
-        if not isinstance(exc, NonFiniteLogits):
-            return exc
-        where = f"at generated token {row.sampled + 1}"
-        if row.adapter is not None:
-            return InvalidAdapter(
-                f"adapter {row.adapter.key} produced non-finite logits (NaN or infinity) "
-                f"{where}; its weights are unusable",
-                hint="check the adapter's weights for NaN, infinity or huge values",
-            )
-        return AdaptoryError(f"base {self.rt.base_ref} produced non-finite logits {where}")
-
-    def _emit(self, row: _Row) -> None:
-        end = len(row.text)
-        if row.finish_reason is None:
-            end -= _holdback(row.text, row.request.stop)
-        if end > row.sent:
-            delta, row.sent = row.text[row.sent : end], end
-            if row.on_text:
-                row.on_text(delta)
-        if row.finish_reason is not None and row.result is None and row.error is None:
-            row.result = GenerationResult(
-                text=row.text,
-                token_ids=list(row.generated),
-                finish_reason=row.finish_reason,
-                prompt_tokens=len(row.prompt_ids),
-                completion_tokens=row.sampled,
-                adapter=row.adapter.key if row.adapter else None,
-            )
-
-    def drop(self, rows: Iterable[_Row], *, reason: str | None = None) -> None:
-        """Remove rows (finished or cancelled) and trim slots no remaining row uses."""
-        import torch
-
-        gone = {id(r) for r in rows}
-        keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
-        for row in self.rows:
-            if id(row) in gone:
-                if row.finish_reason is None:
-                    row.finish_reason = reason or "cancelled"
-                self.rt._release(row.adapter)
-        if not keep:
-            self.rows, self.cache, self.valid, self.positions, self.last = (
-                [],
-                None,
-                None,
-                None,
-                None,
-            )
-            return
-        index = torch.tensor(keep, dtype=torch.long, device=self.valid.device)
-        valid = self.valid[index]
-        used = valid.any(dim=0).nonzero()
-        first = int(used[0]) if len(used) else 0
-        self.valid = valid[:, first:]
-        _set_kv(
-            self.cache, [(k[index, :, first:], v[index, :, first:]) for k, v in _kv(self.cache)]
-        )
-        self.positions = self.positions[index]
-        self.last = self.last[index]
-        self.rows = [self.rows[i] for i in keep]
-
-
-def _new_cache(kv: list[tuple[Any, Any]] | None):
-    from transformers import DynamicCache
-
-    return DynamicCache(kv) if kv else DynamicCache()
-
-
-def _kv(cache) -> list[tuple[Any, Any]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _set_kv(cache, kv: list[tuple[Any, Any]]) -> None:
-    for layer, (k, v) in zip(cache.layers, kv, strict=True):
-        layer.keys, layer.values = k, v
-
-
-def _left_pad(kv, valid, n: int):
-    import torch
-
-    if n == 0:
-        return kv, valid
-    padded = []
-    for k, v in kv:
-        zk = torch.zeros((*k.shape[:2], n, k.shape[3]), dtype=k.dtype, device=k.device)
-        padded.append((torch.cat([zk, k], dim=2), torch.cat([zk, v], dim=2)))
-    zeros = torch.zeros((valid.shape[0], n), dtype=torch.bool, device=valid.device)
-    return padded, torch.cat([zeros, valid], dim=1)
-
-
-def _eos_ids(rt: Runtime) -> set[int]:
-    ids = rt.model.generation_config.eos_token_id if rt.model.generation_config else None
-    if ids is None:
-        ids = rt.tokenizer.eos_token_id
-    if ids is None:
-        return set()
-    return set(ids) if isinstance(ids, list) else {int(ids)}
-
-
-class NonFiniteLogits(ValueError):
-    """A row's logits (or its temperature-scaled logits) hold NaN or +infinity."""
-
-
-def _sample(logits, request: GenerationRequest, generator) -> int:
-    import torch
-
-    # NaN (and +inf, which softmax turns into NaN) come from broken weights: argmax would pick
-    # an arbitrary token and multinomial would fail the whole batch, so the row fails here.
-    if request.temperature <= 1e-5:
-        if not _usable(logits):
-            raise NonFiniteLogits
-        return int(torch.argmax(logits))
-    scaled = logits / request.temperature  # finite logits can overflow at a tiny temperature
-    if not _usable(scaled):
-        raise NonFiniteLogits
-    probs = torch.softmax(scaled, dim=-1)
-    if request.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cumulative = torch.cumsum(sorted_probs, dim=-1)
-        cut = cumulative - sorted_probs >= request.top_p  # keep the smallest set reaching top_p
-        cut[0] = False  # the most likely token always stays: top_p -> 0 means greedy
-        sorted_probs[cut] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    choice = torch.multinomial(probs.cpu(), 1, generator=generator)
-    return int(choice)
-
-
-def _usable(logits) -> bool:
-    """No NaN, no +inf and at least one finite value (-inf alone masks a token, which is fine)."""
-    import torch
-
-    return not bool(torch.isnan(logits).any() or torch.isposinf(logits).any()) and bool(
-        torch.isfinite(logits).any()
-    )

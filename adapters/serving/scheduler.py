@@ -17,6 +17,7 @@ computes, so the event loop keeps serving. `stop()` refuses new work and drains 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -24,8 +25,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from adaptory.adapters.serving.runtime import DecodeBatch, GenerationRequest, Runtime
+from adaptory.adapters.serving.decode import GenerationRequest
+from adaptory.adapters.serving.runtime import Runtime
 from adaptory.registry.errors import AdaptoryError
+
+log = logging.getLogger("adaptory.serving")
 
 
 class SchedulerClosed(AdaptoryError):
@@ -62,18 +66,22 @@ class Scheduler:
         self,
         runtime: Runtime,
         *,
-        max_batch: int = 8,
+        max_batch: int | None = None,
+        max_seq_len: int = 2560,
         window_s: float = 0.005,
         classify_rows: int = 16,
         classify_tokens: int = 4096,
     ) -> None:
         self.runtime = runtime
-        self.max_batch = max(1, max_batch)
+        length = min(max_seq_len, runtime.max_positions or max_seq_len)
+        if max_batch is None and runtime.task == "causal-lm":
+            max_batch = runtime.max_batch(length)  # as many rows as the KV budget holds
+        self.max_batch = max(1, max_batch or 8)
         self.window_s = max(0.0, window_s)
         self.classify_rows = max(1, classify_rows)
         self.classify_tokens = max(1, classify_tokens)
         self.inbox: queue.Queue[Job | None] = queue.Queue()
-        self.batch = DecodeBatch(runtime)
+        self.batch = self._new_batch(length)
         self.jobs: dict[int, Job] = {}  # id(row) -> job
         self.classifying: deque[_Classification] = deque()  # worker thread only
         self.closing = False
@@ -82,8 +90,28 @@ class Scheduler:
         self.admitted = 0  # generation rows that joined the batch
         self.cancelled = 0  # requests dropped because their client went away
         self.classify_backlog = 0  # texts waiting to be classified
+        if runtime.task == "causal-lm":
+            log.info(
+                "base %s: decoding %s, up to %d rows per step (%s numerics)",
+                runtime.base_ref, self.describe()["decode"], self.max_batch, runtime.numerics.name,
+            )  # fmt: skip
         self._thread = threading.Thread(target=self._run, name="adaptory-scheduler", daemon=True)
         self._thread.start()
+
+    def _new_batch(self, length: int):
+        """The worker's decode batch. On CUDA its cache is allocated for the whole batch limit
+        and context now (captured graphs need buffers that never move); on the CPU it starts
+        small and grows with the load."""
+        if self.runtime.task != "causal-lm":
+            return _NoGeneration()
+        if str(self.runtime.base.device).startswith("cuda"):
+            return self.runtime.new_batch(slots=self.max_batch, length=length)
+        return self.runtime.new_batch(slots=min(self.max_batch, 8), length=min(length, 256))
+
+    def describe(self) -> dict:
+        """How this base decodes: the batch limit and the step runner (eager, cuda-graphs…)."""
+        runner = getattr(self.batch, "runner", None)
+        return {"max_batch": self.max_batch, "decode": runner.name if runner else None}
 
     @property
     def active(self) -> int:
@@ -299,3 +327,16 @@ class _Classification:
     @property
     def left(self) -> int:
         return len(self.lengths) - len(self.results)
+
+
+class _NoGeneration:
+    """The batch of a classification base: nothing ever decodes."""
+
+    rows: list = []
+    active = 0
+
+    def step(self) -> list:
+        return []
+
+    def drop(self, rows, *, reason: str | None = None) -> None:
+        pass

@@ -63,7 +63,7 @@ CLIENT_GONE = 499  # what the metrics record for a request whose client disconne
 class ServerSettings:
     api_key: str | None = None
     admin: bool = True  # /v1/adapters/load and /unload
-    max_batch: int = 8
+    max_batch: int | None = None  # rows decoding together per base; None: as the KV cache allows
     batch_window_ms: float = 5.0
     max_tokens_limit: int = 512  # the largest max_tokens a request may ask for
     max_prompt_tokens: int = 2048
@@ -430,6 +430,7 @@ def create_app(runtimes: dict[str, Runtime], *, registry, settings: ServerSettin
             schedulers[ref] = Scheduler(
                 rt,
                 max_batch=settings.max_batch,
+                max_seq_len=settings.max_prompt_tokens + settings.max_tokens_limit,
                 window_s=settings.batch_window_ms / 1000,
                 classify_rows=settings.classify_chunk_rows,
                 classify_tokens=settings.classify_chunk_tokens,
@@ -472,7 +473,14 @@ def create_app(runtimes: dict[str, Runtime], *, registry, settings: ServerSettin
         return {
             "status": "ok",
             "bases": {
-                ref: {"task": rt.task, "resident": rt.resident()} for ref, rt in runtimes.items()
+                ref: {
+                    "task": rt.task,
+                    "resident": rt.resident(),
+                    "numerics": rt.numerics.name,
+                    **schedulers[ref].describe(),
+                }
+                for ref, rt in runtimes.items()
+                if ref in schedulers
             },
         }
 
@@ -991,6 +999,8 @@ def build_runtimes(
     quant: str = "nf4",
     device: str | None = None,
     force: bool = False,
+    numerics: str = "auto",
+    decode: str = "auto",
 ) -> dict[str, Runtime]:
     """Runtimes for the given bases plus the bases of the preloaded adapters; preload those."""
     from adaptory.adapters.bases.loading import BUILTIN_BASES
@@ -1017,6 +1027,8 @@ def build_runtimes(
             device=device,
             max_adapters=max_adapters,
             force=force,
+            numerics=numerics,
+            decode=decode,
         )  # fmt: skip
         for ref, task in tasks.items()
     }
