@@ -4,14 +4,17 @@
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+# On a Linux machine pip's default index serves the multi-GB CUDA build of that pin; for the CPU
+# build: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast soak lint install clean
+.PHONY: demo test test-fast test-gpu soak lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -26,6 +29,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not soak"
+
+# The suite with CUDA as every base's device (fp32 numerics); CPU-only promises are skipped
+# with their reason (tests/conftest.py). benchmarks/gpu.sh runs this first.
+test-gpu: $(STAMP)
+	ADAPTORY_TEST_DEVICE=cuda $(PY) -m pytest -q -m "not soak"
 
 # The long reliability runs (kill loops, 30 s of concurrent writers, 2,000-request load test).
 soak: $(STAMP)

@@ -101,7 +101,7 @@ def reference_greedy(
     out = []
     with torch.inference_mode():
         for _ in range(n):
-            step = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            step = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1].float()
             if logits is not None:
                 logits.append(step)
             token = int(torch.argmax(step))
@@ -121,7 +121,7 @@ def _reference_model(base_dir: str, folder: str | None):
 
     key = (base_dir, folder)
     if key not in _REFERENCES:
-        model = load_base(base_dir, task="causal-lm").model
+        model = load_base(base_dir, task="causal-lm", dtype="float32").model
         if folder is not None:
             model = PeftModel.from_pretrained(model, folder)
         _REFERENCES[key] = model.eval()
@@ -132,9 +132,9 @@ def reference_classify(base_dir: Path, folder: Path, labels: list[str], texts: l
     import torch
     from peft import PeftModel
 
-    base = load_base(str(base_dir), task="seq-cls", labels=labels)
+    base = load_base(str(base_dir), task="seq-cls", labels=labels, dtype="float32")
     model = PeftModel.from_pretrained(base.model, str(folder)).eval()
-    enc = base.tokenizer(texts, padding=True, return_tensors="pt")
+    enc = base.tokenizer(texts, padding=True, return_tensors="pt").to(model.device)
     with torch.inference_mode():
         probs = torch.softmax(model(**enc).logits.float(), dim=-1)
-    return [labels[int(i)] for i in probs.argmax(-1)], probs
+    return [labels[int(i)] for i in probs.argmax(-1)], probs.cpu()

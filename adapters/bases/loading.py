@@ -298,6 +298,10 @@ def check_fingerprint(
 
 
 def default_device() -> str:
+    """ADAPTORY_DEVICE if set (e.g. cpu on a GPU machine), else cuda when there is one."""
+    chosen = os.environ.get("ADAPTORY_DEVICE")
+    if chosen:
+        return chosen
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -342,7 +342,8 @@ def model_logits(model, tokenizer, texts) -> list[torch.Tensor]:
     out = []
     with torch.inference_mode():
         for text in texts:
-            out.append(model(**tokenizer(text, return_tensors="pt")).logits[0].float())
+            enc = tokenizer(text, return_tensors="pt").to(model.device)
+            out.append(model(**enc).logits[0].float().cpu())
     return out
 
 

@@ -334,7 +334,7 @@ def test_classify_truncates_long_texts_to_the_encoders_length(served, tiny_bert_
     for text, got in zip(texts, r.json()["data"], strict=True):
         enc = base.tokenizer(text, truncation=True, max_length=128, return_tensors="pt")
         with torch.inference_mode():
-            probs = torch.softmax(model(**enc).logits.float(), dim=-1)[0]
+            probs = torch.softmax(model(**enc.to(model.device)).logits.float(), dim=-1)[0].cpu()
         assert got["label"] == ["neg", "pos"][int(probs.argmax())]
         assert [got["scores"]["neg"], got["scores"]["pos"]] == pytest.approx(
             probs.tolist(), abs=1e-4

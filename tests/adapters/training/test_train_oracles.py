@@ -78,10 +78,10 @@ def hand_ids(tokenizer, row: dict) -> tuple[list[int], int]:
 def row_nll(model, ids: list[int], first: int) -> tuple[torch.Tensor, int]:
     """Summed negative log-likelihood of ids[first:], each given the tokens before it, from one
     forward pass over the unpadded row; and how many tokens that sums over."""
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=model.device)
     logits = model(input_ids=x).logits[0, :-1].float()
     nll = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none")
-    return nll[first - 1 :].sum(), len(ids) - first
+    return nll[first - 1 :].sum().cpu(), len(ids) - first
 
 
 def mean_nll(model, tokenizer, rows: list[dict]) -> torch.Tensor:
@@ -97,9 +97,9 @@ def mean_cls_loss(model, tokenizer, rows: list[dict], labels: list[str]) -> torc
     """The per-row mean cross-entropy of a classifier, one unpadded row at a time."""
     losses = []
     for row in rows:
-        enc = tokenizer(row["text"], return_tensors="pt")
+        enc = tokenizer(row["text"], return_tensors="pt").to(model.device)
         logits = model(**enc).logits.float()
-        target = torch.tensor([labels.index(row["label"])])
+        target = torch.tensor([labels.index(row["label"])], device=logits.device)
         losses.append(torch.nn.functional.cross_entropy(logits, target))
     return torch.stack(losses).mean()
 
