@@ -145,6 +145,7 @@ class DecodeBatch:
         self._eager_attention = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
         self._eos = eos_ids(model, runtime.tokenizer)
         self.steps = 0
+        self.routing = 0  # changes whenever rows join, leave or change slots
         self.runner = StepRunner.for_batch(self, mode or getattr(runtime, "decode_mode", "auto"))
 
     def _resize_buffers(self, slots: int) -> None:
@@ -189,6 +190,7 @@ class DecodeBatch:
             raise
         start = len(self.rows)
         self.rows.extend(rows)
+        self.routing += 1
         self._advance(rows, logits, start)
         return rows
 
@@ -289,7 +291,8 @@ class DecodeBatch:
     def decode_step(self, batch: int, view: int, *, static: bool) -> torch.Tensor:
         """The decode forward for slots [0, batch) attending positions [0, view), with each
         row's adapter. `static`: the LoRA bank takes no data-dependent shortcut (graphs)."""
-        with self.rt._bank_rows(self.bank_rows[:batch], static=static):
+        reuse = None if static else (id(self), self.routing)
+        with self.rt._bank_rows(self.bank_rows[:batch], static=static, reuse=reuse):
             return self.step_body(batch, view)
 
     def step_body(self, batch: int, view: int) -> torch.Tensor:
@@ -416,6 +419,7 @@ class DecodeBatch:
                 if row.finish_reason is None:
                     row.finish_reason = reason or "cancelled"
                 self.rt._release(row.adapter)
+        self.routing += 1
         slot = 0
         while slot < len(self.rows):
             if id(self.rows[slot]) not in gone:

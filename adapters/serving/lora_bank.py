@@ -102,6 +102,7 @@ class LoraBank:
         # bumped whenever a stack is (re)allocated or a hook added: a CUDA graph captured
         # before reads tensors that are no longer the bank's
         self.version = 0
+        self._kept: tuple[object, dict] | None = None  # (routing key, gathered A/B) across blocks
         self._modules = dict(model.named_modules())
 
     # --- adapters -------------------------------------------------------------------------------
@@ -153,6 +154,7 @@ class LoraBank:
             stack.b[slot, :, :r] = (b.float() * scale).to(stack.b.dtype)
         self.slots[name] = slot
         self._gathered = {}
+        self._kept = None
         return slot
 
     def remove(self, name: str) -> None:
@@ -163,6 +165,7 @@ class LoraBank:
             stack.b[slot].zero_()
         self._free.append(slot)
         self._gathered = {}
+        self._kept = None
 
     def nbytes(self) -> int:
         return sum(s.a.nbytes + s.b.nbytes for s in self._stacks.values())
@@ -195,11 +198,13 @@ class LoraBank:
             self._gathered = {}
 
     @contextmanager
-    def rows_from(self, slots: torch.Tensor, *, static: bool = False):
+    def rows_from(self, slots: torch.Tensor, *, static: bool = False, reuse: object = None):
         """Like `rows`, with each row's bank slot given as a device tensor the caller owns and
         updates in place (a captured graph's static input). `static`: always the general
         gathered path, never a shortcut chosen from the slots' current values (a graph replays
-        whatever the values become)."""
+        whatever the values become). `reuse`: a key that stays equal while the rows and their
+        slots do (a decode batch between joins and leaves); the per-row A and B gathered under
+        it are kept for the next block with the same key instead of gathered again."""
         self._rows = slots
         if static:
             self._all_base, self._single = False, None
@@ -207,11 +212,16 @@ class LoraBank:
             values = slots.tolist()
             self._all_base = not any(values)
             self._single = values[0] if values and len(set(values)) == 1 else None
-        self._keep_gathered = False
-        self._gathered = {}
+        key = (reuse, self.version, len(slots)) if reuse is not None and not static else None
+        per_row = self.nbytes() // max(1, self._capacity)
+        self._keep_gathered = key is not None and per_row * len(slots) <= self.gather_cache_bytes
+        self._gathered = (
+            self._kept[1] if key is not None and self._kept and self._kept[0] == key else {}
+        )
         try:
             yield
         finally:
+            self._kept = (key, self._gathered) if self._keep_gathered else None
             self._rows = None
             self._single = None
             self._gathered = {}

@@ -372,9 +372,9 @@ class Runtime:
         """The LoRA bank's routing for a forward whose row i runs adapter keys[i]."""
         return self._bank.rows([key if key in self._bank.slots else None for key in keys])
 
-    def _bank_rows(self, slots, *, static: bool = False):
+    def _bank_rows(self, slots, *, static: bool = False, reuse: object = None):
         """The LoRA bank's routing from a device tensor of bank slots, one per row."""
-        return self._bank.rows_from(slots, static=static)
+        return self._bank.rows_from(slots, static=static, reuse=reuse)
 
     def _bank_slot(self, key: str) -> int:
         """The bank slot of a row for adapter `key` (0: the plain base, or a prefix adapter)."""
