@@ -109,7 +109,8 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 class DecodeBatch:
     """Rows decoding together over one RowKVCache; rows join (`add_many`) and leave (`drop`)
-    between steps. Row i of `rows` lives in cache slot i."""
+    between steps. Row i of `rows` lives in cache slot i. (One idea, ~280 lines: joining,
+    stepping and leaving share the slot bookkeeping, which must not be split apart.)"""
 
     def __init__(
         self,
@@ -347,68 +348,14 @@ class DecodeBatch:
                     row.logits.append(logits[i].clone())
                 if token is None:
                     raise NonFiniteRow
-                self._take(row, token)
+                take_token(row, token, self._eos)
             except Exception as exc:
-                row.error, row.finish_reason = self._row_error(row, exc), "error"
+                row.error, row.finish_reason = row_error(row, exc, self.rt.base_ref), "error"
             if row.finish_reason is not None:
                 finished.append(row)
         if finished:
             self.drop(finished)
         return finished
-
-    def _take(self, row: _Row, token: int) -> None:
-        row.sampled += 1
-        if token in self._eos:
-            row.finish_reason = "stop"
-        else:
-            row.generated.append(token)
-            before = len(row.text)
-            row.detok.add(token)
-            row.text = row.detok.text
-            if len(row.generated) >= row.request.max_new_tokens:
-                row.detok.finish()
-                row.text = row.detok.text
-            for stop in row.request.stop:
-                cut = row.text.find(stop, max(0, before - len(stop) + 1)) if stop else -1
-                if cut >= 0:
-                    row.text = row.text[:cut]
-                    row.finish_reason = "stop"
-            if row.finish_reason is None and len(row.generated) >= row.request.max_new_tokens:
-                row.finish_reason = "length"
-        if row.finish_reason == "stop" and token in self._eos:
-            row.detok.finish()
-            row.text = row.detok.text
-        self._emit(row)
-
-    def _row_error(self, row: _Row, exc: Exception) -> BaseException:
-        if not isinstance(exc, NonFiniteRow):
-            return exc
-        where = f"at generated token {row.sampled + 1}"
-        if row.adapter is not None:
-            return InvalidAdapter(
-                f"adapter {row.adapter.key} produced non-finite logits (NaN or infinity) "
-                f"{where}; its weights are unusable",
-                hint="check the adapter's weights for NaN, infinity or huge values",
-            )
-        return AdaptoryError(f"base {self.rt.base_ref} produced non-finite logits {where}")
-
-    def _emit(self, row: _Row) -> None:
-        end = len(row.text)
-        if row.finish_reason is None:
-            end -= holdback(row.text, row.request.stop)
-        if end > row.sent:
-            delta, row.sent = row.text[row.sent : end], end
-            if row.on_text:
-                row.on_text(delta)
-        if row.finish_reason is not None and row.result is None and row.error is None:
-            row.result = GenerationResult(
-                text=row.text,
-                token_ids=list(row.generated),
-                finish_reason=row.finish_reason,
-                prompt_tokens=len(row.prompt_ids),
-                completion_tokens=row.sampled,
-                adapter=row.adapter.key if row.adapter else None,
-            )
 
     def drop(self, rows: Iterable[_Row], *, reason: str | None = None) -> None:
         """Remove rows (finished or cancelled): each hole takes the last row, so the remaining
@@ -444,6 +391,70 @@ class DecodeBatch:
         self.lengths[dst] = self.lengths[src]
         for buffer in (self.last_tokens, self.positions, self.bank_rows):
             buffer[dst] = buffer[src]
+
+
+# --- one row's text ---------------------------------------------------------------------------
+
+
+def take_token(row: _Row, token: int, eos: set[int]) -> None:
+    """Record a row's next token: its text, stop strings, length limit, end of sequence."""
+    row.sampled += 1
+    if token in eos:
+        row.finish_reason = "stop"
+    else:
+        row.generated.append(token)
+        before = len(row.text)
+        row.detok.add(token)
+        row.text = row.detok.text
+        if len(row.generated) >= row.request.max_new_tokens:
+            row.detok.finish()
+            row.text = row.detok.text
+        for stop in row.request.stop:
+            cut = row.text.find(stop, max(0, before - len(stop) + 1)) if stop else -1
+            if cut >= 0:
+                row.text = row.text[:cut]
+                row.finish_reason = "stop"
+        if row.finish_reason is None and len(row.generated) >= row.request.max_new_tokens:
+            row.finish_reason = "length"
+    if row.finish_reason == "stop" and token in eos:
+        row.detok.finish()
+        row.text = row.detok.text
+    emit(row)
+
+
+def emit(row: _Row) -> None:
+    """Send the row's new text (holding back what may still become a stop string); make its
+    result when it has finished."""
+    end = len(row.text)
+    if row.finish_reason is None:
+        end -= holdback(row.text, row.request.stop)
+    if end > row.sent:
+        delta, row.sent = row.text[row.sent : end], end
+        if row.on_text:
+            row.on_text(delta)
+    if row.finish_reason is not None and row.result is None and row.error is None:
+        row.result = GenerationResult(
+            text=row.text,
+            token_ids=list(row.generated),
+            finish_reason=row.finish_reason,
+            prompt_tokens=len(row.prompt_ids),
+            completion_tokens=row.sampled,
+            adapter=row.adapter.key if row.adapter else None,
+        )
+
+
+def row_error(row: _Row, exc: Exception, base_ref: str) -> BaseException:
+    """The error a row alone ends with: a domain error naming its adapter for unusable logits."""
+    if not isinstance(exc, NonFiniteRow):
+        return exc
+    where = f"at generated token {row.sampled + 1}"
+    if row.adapter is not None:
+        return InvalidAdapter(
+            f"adapter {row.adapter.key} produced non-finite logits (NaN or infinity) "
+            f"{where}; its weights are unusable",
+            hint="check the adapter's weights for NaN, infinity or huge values",
+        )
+    return AdaptoryError(f"base {base_ref} produced non-finite logits {where}")
 
 
 class NonFiniteRow(Exception):

@@ -1,45 +1,30 @@
 """The hot-swap runtime: one base model loaded once, a bounded LRU of resident adapters, and
 batches where every row runs with its own adapter (LoRA, prefix tuning or the plain base).
 
-How rows with different adapters share one forward pass:
-
-* LoRA. Resident LoRA adapters live in one `LoraBank` (adapters/serving/lora_bank.py): per adapted
-  layer, every adapter's A and scaled B stacked in two tensors, applied by a forward hook with a
-  per-row gather and two batched matmuls (the quantized base layers stay as they are). Each
-  forward runs inside `bank.rows(...)`, which says which adapter each row uses; a row whose
+* LoRA. Resident LoRA adapters live in one `LoraBank` (lora_bank.py): per adapted layer,
+  every adapter's A and scaled B stacked in two tensors, applied by a forward hook with a
+  per-row gather and batched matmuls (the quantized base layers stay as they are). A row whose
   adapter is not in the bank is an error, never a silent fall-back to the base.
 * Prefix tuning. At load time the adapter's saved prompt embeddings become per-layer key/value
-  prefix tensors, kept as they are. A batch's KV cache starts with `P = max(num_virtual_tokens)`
-  slots per row: a prefix row puts its prefix in the last slots of that region, every other slot
-  is masked out. Prefix rows run with no LoRA. Token positions are `num_virtual_tokens + i`
-  (0-based i), what PEFT's own prefix forward gives (transformers numbers positions from the
-  cache length, and the prefix keys carry no rotary), so outputs match PEFT's.
-* Left padding. Tokens are left-padded after the prefix region; every forward receives an
-  explicit 4D mask (causal, minus padding and empty prefix slots) and explicit position ids, so
-  transformers' packed-sequence heuristics never see padded position ids.
+  tensors (resident.py); a prefix row carries them in the first positions of its own KV-cache
+  slot and runs with no LoRA, its prompt numbered from `num_virtual_tokens` as PEFT numbers it.
+* Decoding (decode.py): rows join, step together and leave over a preallocated per-row KV
+  cache (kv_cache.py); on CUDA the decode step is a replayed CUDA graph (graphs.py).
+* Classification (classify.py): the shared encoder with per-row LoRA, then each row's own head,
+  so adapters with different label counts share a batch.
 
-Decoding is our own loop with a KV cache (`DecodeBatch`): greedy or temperature/top-p sampling
-with a per-row seeded generator, stop sequences, max_new_tokens, per-row finish. Rows can join
-(`add`, prefilled separately and merged into the cache) and leave (`drop`) between decode steps,
-which is what the server's scheduler uses for continuous batching.
-
-Classification runs the shared encoder with per-row LoRA and then each row's own head (its
-classifier, and pooler if saved, from the adapter's safetensors), so adapters with different
-label counts share a batch.
+Adapters are loaded by registry reference, verified against their digest and this base's
+fingerprint; pinned while rows use them, evicted least recently used beyond the bound.
 """
 
 from __future__ import annotations
 
 import inspect
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-from adaptory.adapters.bases.loading import BUILTIN_BASES, LoadedBase, check_fingerprint, load_base
+from adaptory.adapters.bases.loading import BUILTIN_BASES, LoadedBase, load_base
 from adaptory.adapters.bases.numerics import resolve_numerics
 from adaptory.adapters.serving.decode import (
     BASE,
@@ -48,16 +33,12 @@ from adaptory.adapters.serving.decode import (
     GenerationRequest,
     GenerationResult,
 )
-from adaptory.registry.errors import AdaptoryError, BadInput, ConfigError, InvalidAdapter
+from adaptory.adapters.serving.resident import ResidentAdapter
+from adaptory.registry.errors import AdaptoryError, BadInput, ConfigError
 
 __all__ = ["BASE", "AdapterInUse", "GenerationRequest", "GenerationResult", "Runtime"]
 MAX_AUTO_BATCH = 256  # rows; like vLLM's default max_num_seqs
 SERVABLE = {"causal-lm": ("lora", "prefix"), "seq-cls": ("lora",)}
-# LoRA options whose math the mixed-batch layers do not implement; refused at load, not ignored.
-_UNSUPPORTED_LORA = (
-    "use_dora", "lora_bias", "use_qalora", "use_bdlora", "layer_replication",
-    "trainable_token_indices", "target_parameters", "alora_invocation_tokens", "fan_in_fan_out",
-)  # fmt: skip
 _PLACEHOLDER_LABELS = ["LABEL_0", "LABEL_1"]  # the shared seq-cls base's own head is never used
 
 
@@ -65,37 +46,14 @@ class AdapterInUse(BadInput):
     """An adapter cannot be unloaded while rows of a running batch use it."""
 
 
-# --- resident adapters ---------------------------------------------------------------------
-
-
-@dataclass
-class ResidentAdapter:
-    """An adapter held in memory: its LoRA weights per module, or its KV prefix, plus a head."""
-
-    key: str  # "name:version"
-    entry: Any
-    method: str
-    in_bank: bool = False  # its LoRA weights are in the runtime's LoraBank
-    prefix: list[tuple[Any, Any]] | None = None  # per layer (keys, values): (heads, P, head_dim)
-    head: dict[str, Any] = field(default_factory=dict)  # seq-cls: classifier.* / pooler.* tensors
-    labels: list[str] | None = None
-    pins: int = 0
-
-    @property
-    def num_virtual_tokens(self) -> int:
-        return 0 if self.prefix is None else int(self.prefix[0][0].shape[1])
-
-
-def _strip_key(key: str) -> str:
-    key = key.removeprefix("base_model.model.")
-    return re.sub(r"\.modules_to_save\.[^.]+", "", key)
-
-
 # --- the runtime ---------------------------------------------------------------------------
 
 
 class Runtime:
-    """One base loaded once plus an LRU of up to `max_adapters` resident registry adapters."""
+    """One base loaded once plus an LRU of up to `max_adapters` resident registry adapters.
+
+    (~280 lines: the LRU and pinning, text encoding, and the thin entry points to decoding
+    and classification; reading adapters lives in resident.py, classifying in classify.py.)"""
 
     def __init__(
         self,
@@ -249,112 +207,9 @@ class Runtime:
         self.counters["evictions"] += 1
 
     def _read_adapter(self, entry) -> ResidentAdapter:
-        """Read a stored adapter, checked as `import` checks it (entries stored before a check
-        existed), then against this base; every refusal is a domain error naming the entry."""
-        import torch
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from adaptory.adapters.serving.resident import read_adapter
 
-        from adaptory.registry.adapter_files import WEIGHTS_FILE, validate_adapter_folder
-
-        check_fingerprint(
-            entry.base_fingerprint,
-            self.base.fingerprint,
-            what=f"adapter {entry.ref}",
-            force=self.force,
-        )
-        folder = Path(self.registry.files(entry, verify=True))
-        try:
-            config = validate_adapter_folder(folder).config
-        except InvalidAdapter as exc:
-            raise InvalidAdapter(f"{entry.ref}: {exc.message}", hint=exc.hint) from None
-        method = entry.method or "lora"
-        expected_type = {"lora": "LORA", "prefix": "PREFIX_TUNING"}.get(method)
-        if config["peft_type"] != expected_type:
-            raise ConfigError(
-                f"{entry.ref} is catalogued as {method} but its files hold {config['peft_type']}"
-            )
-        try:
-            tensors = load_file(str(folder / WEIGHTS_FILE), device=str(self.base.device))
-        except SafetensorError as exc:
-            raise InvalidAdapter(f"{entry.ref}: {WEIGHTS_FILE} cannot be loaded ({exc})") from None
-        adapter = ResidentAdapter(key=entry.ref, entry=entry, method=method)
-        if adapter.method == "prefix":
-            adapter.prefix = self._prefix_kv(entry, config, tensors)
-            return adapter
-        for option in _UNSUPPORTED_LORA:
-            if config.get(option):
-                raise ConfigError(f"{entry.ref}: LoRA option '{option}' is not servable here")
-        if config.get("bias", "none") != "none":
-            raise ConfigError(f"{entry.ref}: LoRA bias='{config['bias']}' is not servable here")
-        lora: dict[str, Any] = {}
-        for key, tensor in tensors.items():
-            name = _strip_key(key)
-            if re.search(r"\.lora_[AB](?:\.[^.]+)?\.weight$", name):
-                lora[key] = tensor
-            elif ".lora_" in name:
-                raise ConfigError(f"{entry.ref}: tensor {key!r} is not a linear LoRA weight")
-            elif self.task == "seq-cls":
-                name = name.removeprefix(f"{self.model.base_model_prefix}.")
-                adapter.head[name] = tensor.to(torch.float32)
-            else:
-                raise ConfigError(
-                    f"{entry.ref}: saves full module weights ({key!r}); only LoRA weights are "
-                    "servable"
-                )
-        if not lora:
-            raise ConfigError(f"{entry.ref}: no LoRA weights found")
-        if self.task == "seq-cls":
-            if not any(k.startswith(("classifier.", "score.")) for k in adapter.head):
-                raise ConfigError(f"{entry.ref}: no classification head in the adapter's weights")
-            labels = (entry.extra or {}).get("labels")
-            width = _head_width(adapter.head)
-            adapter.labels = list(labels) if labels else [f"LABEL_{i}" for i in range(width)]
-            if len(adapter.labels) != width:
-                raise ConfigError(
-                    f"{entry.ref}: {len(adapter.labels)} labels for a {width}-way head"
-                )
-        try:  # checks every shape against the base before it changes anything
-            self._bank.add(adapter.key, lora, config)
-        except ConfigError as exc:
-            raise ConfigError(f"{entry.ref}: {exc.message}", hint=exc.hint) from None
-        adapter.in_bank = True
-        return adapter
-
-    def _prefix_kv(self, entry, config: dict, tensors: dict) -> list[tuple[Any, Any]]:
-        """Per-layer (keys, values) from PEFT's saved prompt embeddings (the encoder's output).
-
-        `config` and the tensor's shape were checked against each other by the registry's
-        validation; what is checked here is the fit with this base: layers, key/value heads and
-        head size (PEFT sizes a prefix by the base's key/value heads), and room in its context.
-        """
-        if (config.get("num_transformer_submodules") or 1) != 1:
-            raise ConfigError(f"{entry.ref}: encoder-decoder prefix tuning is not servable")
-        weight = tensors.get("prompt_embeddings")
-        nvt, layers = config["num_virtual_tokens"], config["num_layers"]
-        heads, dim = config["num_attention_heads"], config["token_dim"]
-        if weight is None or tuple(weight.shape) != (nvt, layers * 2 * dim):
-            raise InvalidAdapter(f"{entry.ref}: prompt_embeddings does not match its config")
-        base = self.model.config
-        n_layers = base.num_hidden_layers
-        kv_heads = getattr(base, "num_key_value_heads", None) or base.num_attention_heads
-        head_dim = getattr(base, "head_dim", None) or base.hidden_size // base.num_attention_heads
-        if layers != n_layers:
-            raise ConfigError(f"{entry.ref}: prefix made for {layers} layers, base has {n_layers}")
-        if (heads, dim // heads) != (kv_heads, head_dim):
-            raise ConfigError(
-                f"{entry.ref}: prefix made for {heads} key/value heads of size {dim // heads}; "
-                f"this base has {kv_heads} of size {head_dim}",
-                hint="the adapter was made for another base",
-            )
-        if self.max_positions and nvt >= self.max_positions:
-            raise ConfigError(
-                f"{entry.ref}: a prefix of {nvt} virtual tokens leaves no room in this base's "
-                f"context of {self.max_positions} tokens"
-            )
-        dtype = getattr(self.model, "dtype", weight.dtype)
-        kv = weight.to(dtype).view(nvt, layers * 2, heads, dim // heads).permute(1, 2, 0, 3)
-        return [(kv[2 * i].contiguous(), kv[2 * i + 1].contiguous()) for i in range(layers)]
+        return read_adapter(self, entry)
 
     def _acquire(self, ref: str | None) -> tuple[str, ResidentAdapter | None]:
         if ref is None or ref == BASE:
@@ -461,99 +316,23 @@ class Runtime:
 
     def classify(self, ref: str, texts: list[str]) -> list[dict]:
         """Labels and scores of each text under one adapter."""
-        return self.classify_mixed([(ref, t) for t in texts])
+        from adaptory.adapters.serving import classify
+
+        return classify.classify(self, ref, texts)
 
     def classify_max_length(self) -> int:
-        """Longest input the encoder takes, in tokens; longer texts are truncated to it.
+        from adaptory.adapters.serving import classify
 
-        The tokenizer's `model_max_length` can exceed the model's position table (a small
-        encoder saved with its parent's tokenizer), so the table caps it too.
-        """
-        limit = int(min(self.tokenizer.model_max_length, 1 << 20))
-        positions = self.max_positions
-        if positions:
-            embeddings = getattr(self.model.base_model, "embeddings", None)
-            # RoBERTa-style embeddings number positions from padding_idx + 1
-            offset = getattr(embeddings, "padding_idx", None)
-            limit = min(limit, positions - (offset + 1 if offset is not None else 0))
-        return limit
+        return classify.classify_max_length(self)
 
     def classify_lengths(self, texts: list[str]) -> list[int]:
         """Each text's token count as classified (special tokens in, truncated)."""
-        with self._tok_lock:
-            ids = self.tokenizer(texts, truncation=True, max_length=self.classify_max_length())
-        return [len(row) for row in ids["input_ids"]]
+        from adaptory.adapters.serving import classify
+
+        return classify.classify_lengths(self, texts)
 
     def classify_mixed(self, rows: list[tuple[str, str]]) -> list[dict]:
         """One encoder pass for (adapter ref, text) rows with different adapters and heads."""
-        import torch
+        from adaptory.adapters.serving import classify
 
-        if self.task != "seq-cls":
-            raise ConfigError(f"base {self.base_ref} is a {self.task} base, not a classifier")
-        if not rows:
-            return []
-        acquired = []
-        try:
-            with self.lock:
-                for ref, _ in rows:
-                    acquired.append(self._acquire(ref))
-                limit = self.classify_max_length()
-                with self._tok_lock:
-                    enc = self.tokenizer(
-                        [t for _, t in rows],
-                        padding=True,
-                        truncation=True,
-                        max_length=limit,
-                        return_tensors="pt",
-                    )
-                enc = {k: v.to(self.base.device) for k, v in enc.items()}
-                with torch.inference_mode(), self._rows([key for key, _ in acquired]):
-                    encoder = self.model.base_model
-                    out = encoder(**enc)
-                results = []
-                for i, (_key, adapter) in enumerate(acquired):
-                    logits = _apply_head(adapter.head, out, i, encoder)
-                    probs = torch.softmax(logits.float(), dim=-1).tolist()
-                    scores = dict(zip(adapter.labels, probs, strict=True))
-                    best = max(range(len(probs)), key=probs.__getitem__)
-                    results.append({"label": adapter.labels[best], "scores": scores})
-                return results
-        finally:
-            for _key, adapter in acquired:
-                self._release(adapter)
-
-
-def _head_width(head: dict) -> int:
-    for name in ("classifier.weight", "classifier.out_proj.weight", "score.weight"):
-        if name in head:
-            return int(head[name].shape[0])
-    raise ConfigError("unrecognised classification head")
-
-
-def _apply_head(head: dict, out, row: int, encoder):
-    """Logits of one row: BERT-style (pooler + classifier) or RoBERTa-style (dense + out_proj)."""
-    import torch
-    import torch.nn.functional as F
-
-    hidden = out[0][row : row + 1]  # (1, seq, hidden)
-    if "classifier.out_proj.weight" in head:
-        x = hidden[:, 0].float()
-        x = torch.tanh(
-            F.linear(x, head["classifier.dense.weight"], head.get("classifier.dense.bias"))
-        )
-        return F.linear(
-            x, head["classifier.out_proj.weight"], head.get("classifier.out_proj.bias")
-        )[0]
-    if "classifier.weight" in head:
-        if "pooler.dense.weight" in head:
-            pooled = torch.tanh(
-                F.linear(
-                    hidden[:, 0].float(), head["pooler.dense.weight"], head.get("pooler.dense.bias")
-                )
-            )
-        elif len(out) > 1 and out[1] is not None:
-            pooled = out[1][row : row + 1].float()
-        else:
-            pooled = hidden[:, 0].float()
-        return F.linear(pooled, head["classifier.weight"], head.get("classifier.bias"))[0]
-    raise ConfigError("unrecognised classification head (expected classifier.* weights)")
+        return classify.classify_mixed(self, rows)
