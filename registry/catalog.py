@@ -112,6 +112,7 @@ def damaged(path: Path, exc: BaseException) -> CatalogDamaged:
 
 class Catalog:
     """Connections to one `catalog.db`; a fresh connection per operation keeps it thread-safe.
+    (~330 lines on purpose: every SQL statement against the catalog lives in this class.)
 
     On a home this process cannot write (a read-only mount, another user's files) reads still
     work: SQLite cannot create WAL's shared-memory file there, so the file is opened immutable.

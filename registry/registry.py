@@ -18,7 +18,6 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import filelock
@@ -34,60 +33,19 @@ from adaptory.registry.catalog import Catalog, now_iso
 from adaptory.registry.entry import Entry
 from adaptory.registry.errors import (
     AdapterNotFound,
-    AdaptoryError,
     BadInput,
     CatalogDamaged,
     IntegrityError,
     InvalidAdapter,
     StorageError,
 )
+from adaptory.registry.maintenance import GcResult, Problem, Recovery, Unreferenced
 from adaptory.registry.refs import parse_ref, validate_name, validate_tag
 from adaptory.registry.store import BlobStore, StagedBlob
 
 LOCK_TIMEOUT_SECONDS = 600
 METHODS = {"LORA": "lora", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "IA3": "ia3"}
 TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "seq-cls"}
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One damaged entry found by `verify`: its reference and what is wrong with which file."""
-
-    entry_ref: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.entry_ref}: {self.message}"
-
-
-@dataclass(frozen=True)
-class GcResult:
-    """What `gc` deleted (unreferenced blob folders, stale temp folders, bytes freed) and the
-    unreferenced blobs it kept because the catalog does not know why they are there."""
-
-    removed_blobs: int
-    freed_bytes: int
-    removed_temp: int = 0
-    kept_unknown: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Recovery:
-    """What `recover` did: where the old catalog went, the entries it made, what it skipped."""
-
-    moved_aside: Path | None
-    recovered: list[Entry]
-    skipped: list[str]
-
-
-@dataclass(frozen=True)
-class Unreferenced:
-    """Blob folders no entry references: `collectable` ones the catalog released or never
-    finished adding (`gc` deletes them); `unknown` ones it has no record of (a lost or replaced
-    catalog; `gc --orphans` deletes them, `import` re-catalogs one)."""
-
-    collectable: list[str]
-    unknown: list[str]
 
 
 def method_from_peft_type(peft_type: str | None) -> str | None:
@@ -112,7 +70,10 @@ def _pause_for_tests(stage: str) -> None:
 
 
 class Registry:
-    """A registry home (`catalog.db` + `blobs/`); created on first use."""
+    """A registry home (`catalog.db` + `blobs/`); created on first write.
+
+    (~340 lines: every read and write of entries, which share the home's lock and catalog
+    connections; keeping the registry sound — gc, verify, recover — is in maintenance.py.)"""
 
     def __init__(self, home: Path) -> None:
         self.home = Path(home)
@@ -331,125 +292,35 @@ class Registry:
         folders older than an hour, under the lock. With `orphans`, also blobs the catalog has no
         record of. Refuses on a damaged catalog, or when an entry's own blob is missing (a
         damaged digest: one of the unreferenced blobs may be that entry's)."""
-        self._ensure_ready()
-        with self._locked():
-            with self.catalog.reading() as conn:
-                damage = self.catalog.health(conn)
-                if damage:
-                    raise CatalogDamaged(
-                        f"gc refused: {self.catalog.path} is damaged ({damage[0]})",
-                        hint="nothing was deleted; `adaptory verify` lists the damage",
-                    )
-                referenced = self.catalog.digests(conn)
-                known = self.catalog.collectable(conn)
-                history = self.catalog.has_history(conn)
-            stored = self.store.digests()
-            unreferenced = stored - referenced
-            garbage = unreferenced & known
-            unknown = unreferenced - known
-            if orphans and unknown:
-                self._check_orphans_deletable(referenced, stored, history)
-                garbage, unknown = unreferenced, set()
-            blobs, temp, freed = self.store.collect(garbage)
-            with self.catalog.writing() as conn:
-                self.catalog.forget_blobs(
-                    conn, (known & referenced) | (known - self.store.digests())
-                )
-        return GcResult(
-            removed_blobs=blobs, freed_bytes=freed, removed_temp=temp, kept_unknown=sorted(unknown)
-        )
+        from adaptory.registry import maintenance
 
-    def _check_orphans_deletable(self, referenced: set, stored: set, history: bool) -> None:
-        missing = sorted(referenced - stored)
-        if missing:
-            raise CatalogDamaged(
-                f"gc --orphans refused: {len(missing)} entr{'y' if len(missing) == 1 else 'ies'} "
-                f"point at blobs that are not there (e.g. {missing[0][:12]}…), so an "
-                "unreferenced blob may be one of them",
-                hint="nothing was deleted; `adaptory verify` lists the damaged entries",
-            )
-        if not referenced and not history:
-            raise CatalogDamaged(
-                "gc --orphans refused: this catalog has never held an entry, so every stored "
-                "blob would be deleted",
-                hint="nothing was deleted; if the catalog was lost, restore it or re-import the "
-                "blobs first (docs/REGISTRY.md, 'A damaged catalog')",
-            )
+        return maintenance.gc(self, orphans=orphans)
 
     def recover(self) -> Recovery:
         """Re-catalog stored adapters the catalog has lost. On a sound catalog, each unknown blob
         becomes an entry; on a missing or damaged one, the old file is moved aside (kept, never
         deleted), a new catalog is started and every stored adapter becomes an entry. Entries
         are named `recovered-<digest[:12]>`; metadata that lived only in the catalog is gone."""
-        moved_aside = None
-        if self.catalog.exists() and not self.catalog_problems_or_missing():
-            digests = self.unreferenced().unknown
-        else:
-            moved_aside = self._move_catalog_aside()
-            digests = sorted(self.store.digests())
-        recovered, skipped = [], []
-        for digest in digests:
-            folder = self.store.path_for(digest)
-            try:
-                recovered.append(
-                    self.add(
-                        folder,
-                        name=f"recovered-{digest[:12]}",
-                        description=f"recovered on {now_iso()[:10]} from blobs/sha256/{digest}",
-                    )
-                )
-            except AdaptoryError as exc:
-                skipped.append(f"{digest[:12]}…: {exc.message}")
-        return Recovery(moved_aside=moved_aside, recovered=recovered, skipped=skipped)
+        from adaptory.registry import maintenance
+
+        return maintenance.recover(self)
 
     def catalog_problems_or_missing(self) -> list[str]:
-        try:
-            with self.catalog.reading(read_only=not self.catalog.writable()) as conn:
-                if not self.catalog.version(conn):
-                    return ["the catalog has no tables"]
-        except CatalogDamaged as exc:
-            return [exc.message]
-        return self.catalog_problems()
+        from adaptory.registry import maintenance
 
-    def _move_catalog_aside(self) -> Path | None:
-        """Rename catalog.db (and its WAL files) to catalog.db.damaged-<time>; start a new one."""
-        self.home.mkdir(parents=True, exist_ok=True)
-        with self._locked():
-            stamp = now_iso()[:19].replace(":", "")
-            aside = None
-            for suffix in ("", "-wal", "-shm"):
-                path = Path(f"{self.catalog.path}{suffix}")
-                if path.exists():
-                    target = Path(f"{self.catalog.path}.damaged-{stamp}{suffix}")
-                    try:
-                        os.rename(path, target)
-                    except OSError as exc:
-                        raise StorageError(
-                            f"cannot move {path} aside: {exc.strerror or exc}; nothing was changed"
-                        ) from exc
-                    aside = aside or target
-            self.catalog.initialize()
-            self._ready = True
-        return aside
+        return maintenance.catalog_problems_or_missing(self)
 
     def unreferenced(self) -> Unreferenced:
         """Blob folders no entry references, split by whether `gc` would delete them."""
-        with self._reading() as conn:
-            referenced = self.catalog.digests(conn)
-            known = self.catalog.collectable(conn) if _has_table(conn, "pending_blobs") else set()
-        loose = self.store.digests() - referenced
-        return Unreferenced(collectable=sorted(loose & known), unknown=sorted(loose - known))
+        from adaptory.registry import maintenance
+
+        return maintenance.unreferenced(self)
 
     def catalog_problems(self) -> list[str]:
         """SQLite's integrity check and each row's digest against its file list ([] if sound)."""
-        if not self.catalog.exists():
-            self._refuse_to_replace_a_catalog()
-            return []
-        try:
-            with self._reading() as conn:
-                return self.catalog.health(conn)
-        except CatalogDamaged as exc:
-            return [exc.message]
+        from adaptory.registry import maintenance
+
+        return maintenance.catalog_problems(self)
 
     # reading -------------------------------------------------------------------------------
 
@@ -494,22 +365,9 @@ class Registry:
     def verify(self, ref: str | None = None) -> list[Problem]:
         """Check the catalog (SQLite's integrity check, each row's digest) and re-hash every
         entry's files (or one entry's); one Problem per damaged entry or catalog fault."""
-        problems: list[Problem] = []
-        if ref is None:
-            problems = [Problem("catalog.db", p) for p in self.catalog_problems()]
-            if problems and any(
-                p.message.startswith(("SQLite", str(self.catalog.path))) for p in problems
-            ):
-                return problems  # rows cannot be trusted (or read) on a corrupt file
-        entries = [self.resolve(ref)] if ref is not None else self.list()
-        checked: dict[str, list[str]] = {}
-        for entry in entries:
-            if entry.digest not in checked:
-                checked[entry.digest] = self.store.check(entry.digest, entry.files)
-            found = checked[entry.digest]
-            if found:
-                problems.append(Problem(entry.ref, "; ".join(found)))
-        return problems
+        from adaptory.registry import maintenance
+
+        return maintenance.verify(self, ref)
 
     # helpers -------------------------------------------------------------------------------
 
@@ -557,15 +415,6 @@ class Registry:
             f"did you mean {', '.join(close)}?" if close else "`adaptory list` shows what is stored"
         )
         return AdapterNotFound(f"no adapter named {name!r}", hint=hint)
-
-
-def _has_table(conn: sqlite3.Connection, name: str) -> bool:
-    return (
-        conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
-        ).fetchone()
-        is not None
-    )
 
 
 def _check_storable(values: dict) -> None:
