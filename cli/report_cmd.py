@@ -1,4 +1,4 @@
-"""`adaptory report`: one static HTML page of the whole registry (thin over registry.report)."""
+"""`adaptory report`: one static HTML page of the whole registry (thin over report.page)."""
 
 from __future__ import annotations
 

@@ -1,2 +1,2 @@
-"""Presentation of the registry: the static HTML page and the pictures (loss curves). Reads
-the registry; stores nothing."""
+"""Presentation of the registry: the HTML page (`page`, Jinja `templates/`), its lineage graph
+(`lineage`) and loss charts drawn by matplotlib (`plots`). Reads entries; stores nothing."""

@@ -1,6 +1,9 @@
-"""`adaptory report` through CliRunner: writes the page, --open, the default path, errors."""
+"""`adaptory report` and `show --plot` through CliRunner: the page, --open, paths, errors."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -37,7 +40,8 @@ def test_report_writes_the_page(home, tmp_path):
     assert f"wrote {out} (2 adapters)" in result.output
     page = out.read_text()
     assert 'data-ref="support-bot:1"' in page and 'data-ref="merged:1"' in page
-    assert '<path class="loss-train"' in page and '<path class="edge merge"' in page
+    first = Registry(home).resolve("support-bot:1")
+    assert f'<g id="chart{first.id}-loss-train">' in page and '<path class="edge merge"' in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script" not in page
 
 
@@ -84,3 +88,26 @@ def test_show_plot_writes_a_png_and_refuses_entries_without_history(home, tmp_pa
     result = CliRunner().invoke(cli, ["--home", str(home), "show", "merged", "--plot", str(png)])
     assert result.exit_code == 2
     assert "no loss history" in result.output
+
+
+def test_show_plot_svg_is_the_report_drawing(home, tmp_path):
+    svg = tmp_path / "loss.svg"
+    result = CliRunner().invoke(
+        cli, ["--home", str(home), "show", "support-bot", "--plot", str(svg)]
+    )
+    assert result.exit_code == 0, result.output
+    text = svg.read_text()
+    assert text.lstrip().startswith("<?xml") and '<g id="loss-train">' in text
+    assert '<g id="loss-base">' in text  # metrics["base"]["eval_loss"] is known
+
+
+def test_list_imports_neither_jinja_nor_matplotlib(home):
+    """`adaptory list` shares a helper with the report; the report's libraries stay unloaded."""
+    code = (
+        "import sys; from click.testing import CliRunner; from adaptory.cli.main import cli; "
+        f"r = CliRunner().invoke(cli, ['--home', {str(home)!r}, 'list']); "
+        "assert r.exit_code == 0 and 'support-bot' in r.output, r.output; "
+        "print(sorted(m for m in ('jinja2', 'matplotlib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,4 +1,4 @@
-"""The HTML report and the loss plot: content, escaping, lineage layout, and a real browser.
+"""The HTML report and the loss plot: content, escaping, charts, lineage, and a real browser.
 
 The browser tests render the page in headless Chromium (Debian's `chromium`) and skip, saying
 why, only when no Chromium is installed; CI installs it.
@@ -11,23 +11,26 @@ import os
 import re
 import shutil
 import subprocess
+import tomllib
+import xml.etree.ElementTree as ET
 from dataclasses import replace
+from datetime import UTC, datetime
+from fnmatch import fnmatch
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
-from adaptory.cli.report.page import (
-    MAX_LONE_NODES,
-    find_parent,
-    lineage_graph,
-    lineage_section,
-    nice_ticks,
-    render_report,
-    short_fingerprint,
-    write_report,
+from adaptory.cli.report.lineage import MAX_LONE_NODES, find_parent, lineage_graph
+from adaptory.cli.report.page import lineage_section, render_report, short_fingerprint, write_report
+from adaptory.cli.report.plots import (
+    MAX_CURVE_POINTS,
+    LossSeries,
+    loss_chart_svg,
+    loss_series,
+    plot_loss,
 )
-from adaptory.cli.report.plots import loss_series, plot_loss
 from adaptory.registry import Registry
 from adaptory.registry.errors import BadInput, ConfigError
 from adaptory.registry.testing import make_lora_folder
@@ -35,6 +38,9 @@ from adaptory.registry.testing import make_lora_folder
 FINGERPRINT = {"digest": "9f2c4e1ab37d" + "0" * 52, "weights": "ab" * 32, "quant": "nf4+dq"}
 XSS = '<script>alert("pwned")</script>'
 CONFUSION = {"labels": ["neg", "pos"], "matrix": [[40, 10], [5, 45]]}
+SVG = "{http://www.w3.org/2000/svg}"
+XLINK = "{http://www.w3.org/1999/xlink}"
+REPO = Path(__file__).resolve().parents[3]
 
 
 def history(steps: int, start: float, end: float, evals: int = 4) -> list[dict]:
@@ -89,9 +95,12 @@ def test_report_has_a_row_a_card_and_a_curve_per_adapter(reg):
         assert f'<tr class="adapter-row" data-ref="{entry.ref}">' in page
         assert f'id="entry-{entry.id}"' in page
     with_history = [e for e in entries if e.loss_history]
-    assert page.count('class="loss-train"') == len(with_history) == 4
-    assert page.count('class="loss-eval"') == 4
-    assert page.count('class="loss-base"') == 2  # the generator's base eval loss line
+    assert len(with_history) == 4
+    for entry in with_history:  # each chart's series are groups named by the drawing's gids
+        assert f'<g id="chart{entry.id}-loss-train">' in page
+        assert f'<g id="chart{entry.id}-loss-eval">' in page
+    assert page.count('-loss-train">') == page.count('-loss-eval">') == 4
+    assert page.count('-loss-base">') == 2  # the generator's base eval loss line
     assert page.count('<table class="confusion">') == 2  # the classifier and its base
     assert "9f2c4e1ab37d · nf4+dq" in page
     assert FINGERPRINT["digest"] not in re.sub(r'title="[^"]*"', "", page)  # full one: tooltip
@@ -118,6 +127,7 @@ def test_user_text_is_escaped(tmp_path):
     page = render_report(reg.list())
     assert "<script" not in page.lower()
     assert "<img" not in page.lower()
+    page = page.replace("&#34;", "&quot;")  # Jinja's escaper spells a quote by its number
     assert "&lt;script&gt;alert(&quot;pwned&quot;)&lt;/script&gt;" in page
     assert "&quot;&gt;&lt;img src=x onerror=alert(1)&gt;" in page
 
@@ -125,7 +135,8 @@ def test_user_text_is_escaped(tmp_path):
 def test_report_loads_nothing_from_anywhere(reg):
     page = render_report(reg.list())
     urls = set(re.findall(r"https?://[^\s\"'<>)]+", page))
-    assert urls <= {"http://www.w3.org/2000/svg"}  # the SVG namespace name, never fetched
+    # The SVG and XLink namespace names (matplotlib's charts declare both), never fetched.
+    assert urls <= {"http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink"}
     for needle in ("<script", "<link", "<iframe", " src=", "@import", "url(http"):
         assert needle not in page
     assert "default-src 'none'" in page
@@ -209,7 +220,7 @@ def test_odd_metadata_renders_without_errors(tmp_path):
     )
     reg.add(make_lora_folder(tmp_path / "b"), name="flat", loss_history=[3.0])
     page = render_report(reg.list())
-    assert page.count('class="loss-train"') == 2
+    assert page.count('-loss-train">') == 2
     assert "other metrics" in page  # the evals list, shown as escaped JSON
     assert '<table class="confusion">' not in page
     assert "ffffffffffff" in page
@@ -226,10 +237,7 @@ def test_loss_series_reads_numbers_and_records():
     assert series.base_eval_loss == 2.9
 
 
-def test_nice_ticks_and_short_fingerprint():
-    assert nice_ticks(0.0, 1.0, 5) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-    assert nice_ticks(1.37, 3.12, 5) == [1.5, 2.0, 2.5, 3.0]
-    assert nice_ticks(2.0, 2.0) == [2.0]
+def test_short_fingerprint():
     assert short_fingerprint(FINGERPRINT) == "9f2c4e1ab37d · nf4+dq"
     assert short_fingerprint(None) == ""
 
@@ -246,6 +254,93 @@ def test_write_report_replaces_the_file_atomically(reg, tmp_path):
         write_report(reg.list(), tmp_path / "a-file" / "x.html")
 
 
+def test_the_page_is_deterministic_and_its_ids_unique(reg):
+    when = datetime(2026, 1, 2, 3, 4, tzinfo=UTC)
+    first = render_report(reg.list(), home=reg.home, generated_at=when)
+    assert render_report(reg.list(), home=reg.home, generated_at=when) == first
+    assert "dc:date" not in first and "<metadata" not in first  # matplotlib's date stays out
+    ids = re.findall(r'\bid="([^"]+)"', first)
+    duplicates = {i for i in ids if ids.count(i) > 1}
+    assert len(ids) > 100 and not duplicates  # four charts, each numbering its groups from 1
+    for target in re.findall(r'(?:url\(#|href="#)([^")]+)', first):
+        assert target in ids  # every clip path, marker and card link points at something
+
+
+def test_templates_ship_as_package_data():
+    """The templates folder is a listed package and every file in it matches its package-data
+    patterns, so a wheel carries them all."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "adaptory.cli.report.templates" in config["packages"]
+    patterns = config["package-data"]["adaptory.cli.report.templates"]
+    templates = [p.name for p in (REPO / "cli" / "report" / "templates").iterdir()]
+    assert len(templates) >= 5
+    assert [t for t in templates if not any(fnmatch(t, pattern) for pattern in patterns)] == []
+
+
+# the loss chart --------------------------------------------------------------------------------
+
+
+def chart_points(svg: str, group_id: str) -> tuple[list[tuple[float, float]], list]:
+    """The vertices of the path in the chart's group `group_id`, and its markers' positions."""
+    group = ET.fromstring(svg).find(f".//{SVG}g[@id='{group_id}']")
+    assert group is not None, f"no group {group_id}"
+    path = group.find(f"{SVG}path")
+    numbers = [float(v) for v in re.findall(r"-?\d+(?:\.\d+)?", path.get("d"))]
+    vertices = list(zip(numbers[::2], numbers[1::2], strict=True))
+    markers = [(float(u.get("x")), float(u.get("y"))) for u in group.iter(f"{SVG}use")]
+    return vertices, markers
+
+
+def axis_map(data: list[float], pixels: list[float]) -> tuple[float, float]:
+    """Scale and offset of the straight line through (data, pixels), checked to fit every one."""
+    scale, offset = np.polyfit(data, pixels, 1)
+    assert np.allclose(np.polyval([scale, offset], data), pixels, atol=0.01)
+    return scale, offset
+
+
+def test_chart_draws_every_point_where_the_data_puts_it():
+    """The training curve's vertices fix the data → pixel maps (one straight line per axis,
+    losses upwards); the eval markers and the base line must sit on the same maps."""
+    train = [(float(step), 3.0 * math.exp(-step / 20) + 1.0) for step in range(1, 81)]
+    evals = [(20.0, 2.3), (40.0, 1.6), (80.0, 1.2)]
+    svg = loss_chart_svg(LossSeries(train, evals, base_eval_loss=2.9), "t-")
+    vertices, _ = chart_points(svg, "t-loss-train")
+    assert len(vertices) == len(train)
+    x_scale, x_offset = axis_map([s for s, _ in train], [x for x, _ in vertices])
+    y_scale, y_offset = axis_map([v for _, v in train], [y for _, y in vertices])
+    assert x_scale > 0 and y_scale < 0  # steps run right, a lower loss is drawn lower
+    _, markers = chart_points(svg, "t-loss-eval")
+    expected = [(x_scale * s + x_offset, y_scale * v + y_offset) for s, v in evals]
+    assert np.allclose(markers, expected, atol=0.01)
+    base, _ = chart_points(svg, "t-loss-base")
+    assert np.allclose([y for _, y in base], y_scale * 2.9 + y_offset, atol=0.01)
+    assert "step" in svg and "loss" in svg  # the axis labels, as text
+
+
+def test_a_long_history_is_thinned_but_keeps_its_last_point():
+    # A saw that a thinned curve still draws as a saw: no vertex is redundant. Step 3001, the
+    # last, is off the thinning stride; two eval points mark where steps 0 and 3001 are drawn.
+    train = [(float(step), 5.0 if step % 4 < 2 else 4.0) for step in range(3002)]
+    svg = loss_chart_svg(LossSeries(train, [(0.0, 4.5), (3001.0, 4.5)]), "t-")
+    vertices, _ = chart_points(svg, "t-loss-train")
+    assert MAX_CURVE_POINTS / 2 < len(vertices) <= MAX_CURVE_POINTS + 1
+    xs = [x for x, _ in vertices]
+    assert xs == sorted(xs)
+    _, ruler = chart_points(svg, "t-loss-eval")
+    assert math.isclose(xs[0], ruler[0][0], abs_tol=0.01)
+    assert math.isclose(xs[-1], ruler[1][0], abs_tol=0.01)
+
+
+def test_two_charts_on_one_page_share_no_id():
+    series = LossSeries([(0.0, 2.0), (1.0, 1.0)], [(1.0, 1.5)])
+    a, b = loss_chart_svg(series, "a-"), loss_chart_svg(series, "b-")
+    ids_a = set(re.findall(r'\bid="([^"]+)"', a))
+    ids_b = set(re.findall(r'\bid="([^"]+)"', b))
+    assert ids_a and all(i.startswith("a-") for i in ids_a)
+    assert not ids_a & ids_b
+    assert re.sub(r'(id="|#)a-', r"\1b-", a) == b  # the same drawing, only renamed
+
+
 # plot_loss -------------------------------------------------------------------------------------
 
 
@@ -256,9 +351,17 @@ def test_plot_loss_writes_a_png(reg, tmp_path):
     assert len(data) > 10_000
 
 
-def test_plot_loss_svg_by_suffix(reg, tmp_path):
-    path = plot_loss(reg.resolve("sentiment"), tmp_path / "loss.svg")
-    assert path.read_text().lstrip().startswith("<?xml")
+def test_plot_loss_svg_by_suffix_is_the_report_drawing_and_reproducible(reg, tmp_path):
+    entry = reg.resolve("sentiment")
+    path = plot_loss(entry, tmp_path / "loss.svg")
+    text = path.read_text()
+    assert text.lstrip().startswith("<?xml")
+    vertices, _ = chart_points(text, "loss-train")
+    assert len(vertices) == len(loss_series(entry).train)
+    _, markers = chart_points(text, "loss-eval")
+    assert len(markers) == len(loss_series(entry).eval)
+    again = plot_loss(entry, tmp_path / "again.svg")
+    assert again.read_bytes() == path.read_bytes()  # no date, no random ids
 
 
 def test_plot_loss_refuses_an_entry_without_history(reg, tmp_path):
@@ -318,7 +421,7 @@ def test_chromium_renders_every_row_and_the_svg_paths(chromium, reg, report_file
     assert "<table" in dom
     for entry in reg.list():
         assert re.search(rf'<tr class="adapter-row" data-ref="{re.escape(entry.ref)}">', dom)
-    curves = re.findall(r'<path class="loss-train" d="M[\d. ML-]+"', dom)
+    curves = re.findall(r'<g id="chart\d+-loss-train">\s*<path d="M[\d. MLz\s-]+"', dom)
     assert len(curves) == 4
     assert len(re.findall(r'<path class="edge (merge|source)" d="M[^"]+"', dom)) == 3
     assert len(re.findall(r"<svg ", dom)) == 5  # four loss charts and the lineage graph
