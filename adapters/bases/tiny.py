@@ -8,17 +8,20 @@ then trains it on a corpus so there is a real base to adapt.
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import shutil
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from adaptory.adapters.bases.shapes import SIZES as ALL_SIZES
+from adaptory.adapters.bases.shapes import Size
 from adaptory.registry.errors import ConfigError
 
-DEFAULT_CORPUS = Path(__file__).parent / "assets" / "corpus.txt"
+# the shipped corpus, found as package data wherever the package lives
+DEFAULT_CORPUS = Path(str(importlib.resources.files("adaptory.adapters.assets") / "corpus.txt"))
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -32,29 +35,8 @@ CHAT_TEMPLATE = (
 )
 
 
-@dataclass(frozen=True)
-class Size:
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    context: int
-
-
-# Dimensions are multiples of 64 (the 4-bit quantization block size).
-SIZES: dict[str, Size] = {
-    "tiny": Size(
-        hidden=64, intermediate=192, layers=2, heads=4, kv_heads=4, vocab=512, context=256
-    ),
-    "small": Size(
-        hidden=256, intermediate=704, layers=4, heads=8, kv_heads=4, vocab=2048, context=512
-    ),
-    "base": Size(
-        hidden=512, intermediate=1408, layers=8, heads=8, kv_heads=8, vocab=8192, context=1024
-    ),
-}
+# The sizes `adaptory base init` builds on the CPU and saves; 1b and 8b are built in place only.
+SIZES: dict[str, Size] = {name: size for name, size in ALL_SIZES.items() if size.saved}
 ARCHS = ("llama",)
 
 

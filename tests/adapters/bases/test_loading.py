@@ -98,3 +98,10 @@ def test_unknown_base_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BaseNotFound, match="config.json"):
         resolve_base(str(tmp_path / "empty"))
+
+
+def test_the_shipped_corpus_is_found_as_package_data():
+    """`base init` and the demo build their tokenizer from it (a moved module once lost it)."""
+    from adaptory.adapters.bases.tiny import DEFAULT_CORPUS
+
+    assert DEFAULT_CORPUS.is_file() and DEFAULT_CORPUS.stat().st_size > 10_000
