@@ -1,13 +1,16 @@
 """`adaptory bench`: swap cost, serving throughput, memory and training speed, measured side by
-side in one process run (medians over repeats, ratios of medians), printed and saved as JSON."""
+side in one process run (medians over repeats, ratios of medians), printed and saved as JSON;
+`bench summary` gathers the targets of saved runs into one table."""
 
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import click
 
+from adaptory.adapters.bases.shapes import SIZES
 from adaptory.cli.main import App, pass_app, styled
 
 
@@ -28,10 +31,20 @@ def _common(fn):
     )
     @click.option(
         "--size",
-        type=click.Choice(["tiny", "small", "base"]),
+        type=click.Choice(list(SIZES)),
         default="small",
         show_default=True,
-        help="Random-init Llama-style base to build (speed and memory do not need training).",
+        help="Random-init Llama-style base (speed and memory do not need training): "
+        "tiny|small|base are built once and saved; 1b (Llama-3.2-1B shapes) and 8b "
+        "(Llama-3-8B shapes) are built in place on the device, 4-bit from the start.",
+    )
+    @click.option(
+        "--build",
+        type=click.Choice(["auto", "folder", "in-place"]),
+        default="auto",
+        show_default=True,
+        help="How the base is made: loaded from its saved folder, or built in place on the "
+        "device (auto: in place for 1b and 8b only).",
     )
     @click.option(
         "--base",
@@ -41,6 +54,10 @@ def _common(fn):
     )
     @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True)
     @click.option("--quick", is_flag=True, help="Small shapes, at most 2 repeats (a smoke run).")
+    @click.option("--rank", type=click.IntRange(1), default=16, show_default=True,
+                  help="LoRA rank of the benchmark's adapters.")  # fmt: skip
+    @click.option("--mlp", is_flag=True,
+                  help="Adapters on gate/up/down_proj too (default: q/k/v/o_proj).")  # fmt: skip
     @click.option(
         "--threads",
         type=click.IntRange(1),
@@ -59,7 +76,8 @@ def _common(fn):
     return wrapper
 
 
-def _settings(device, size, base_dir, repeats, quick, workdir, threads):
+def _settings(app: App, device, size, base_dir, repeats, quick, workdir, threads, build, rank,
+              mlp):  # fmt: skip
     from adaptory.adapters.bases.loading import default_device
     from adaptory.adapters.bench import BenchSettings
 
@@ -71,6 +89,10 @@ def _settings(device, size, base_dir, repeats, quick, workdir, threads):
         quick=quick,
         base_dir=base_dir,
         threads=threads,
+        build=build,
+        rank=rank,
+        mlp=mlp,
+        log=lambda line: app.err.print(line, highlight=False),
     )
 
 
@@ -83,7 +105,7 @@ def _run(app: App, name: str, options: dict, **kwargs) -> dict:
     json_out = options.pop("json_out")
     workdir = options.pop("workdir")
     with tempfile.TemporaryDirectory(prefix="adaptory-bench-") as tmp:
-        settings = _settings(workdir=workdir or Path(tmp), **options)
+        settings = _settings(app, workdir=workdir or Path(tmp), **options)
         with app.err.status(f"running bench {name} on {settings.device} …"):
             result = run_bench(name, settings, **kwargs)
     render(app, result)
@@ -108,7 +130,7 @@ def swap_cmd(app: App, **options) -> None:
 
 @bench_group.command("serve")
 @_common
-@click.option("--batch", type=click.IntRange(1), help="Requests per batch (default 32; quick 4).")
+@click.option("--batch", type=click.IntRange(1), help="Requests per batch (default 32; quick 8).")
 @click.option("--new-tokens", type=click.IntRange(1), help="Generated per request (default 32).")
 @click.option(
     "-k",
@@ -116,18 +138,33 @@ def swap_cmd(app: App, **options) -> None:
     "ks",
     type=click.IntRange(1),
     multiple=True,
-    help="Distinct adapters spread over the batch (repeatable; default 2, 8, 32).",
+    help="Distinct adapters spread over the batch (repeatable; default 8 and 32, plus 2 on "
+    "the saved sizes; quick 8).",
 )
 @click.option("--no-runtime", is_flag=True, help="Skip the Runtime.generate path.")
+@click.option("--no-single", is_flag=True, help="Skip the batch-1 variants.")
+@click.option(
+    "--diagnostics/--no-diagnostics",
+    default=None,
+    help="Also the model-level decode loop: plain base, LoraBank, PEFT one adapter and swap "
+    "per group (default: on for tiny|small|base, off for bases built in place).",
+)
+@click.option(
+    "--hf-compile/--no-hf-compile",
+    default=None,
+    help="Measure transformers' generate with a static cache and its compiled decode step "
+    "(default: on CUDA only).",
+)
 @click.option(
     "--plot",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Save a PNG of tokens/s against K (needs matplotlib).",
 )
 @pass_app
-def serve_cmd(app: App, batch, new_tokens, ks, no_runtime, plot, **options) -> None:
-    """Generated tokens/s with the batch on the base, on one adapter, or over K adapters:
-    Adaptory's batched bank vs PEFT's adapter_names= vs PEFT swap-per-group."""
+def serve_cmd(app: App, batch, new_tokens, ks, no_runtime, no_single, diagnostics, hf_compile,
+              plot, **options) -> None:  # fmt: skip
+    """Generated tokens/s with the batch on one adapter or over K adapters: Runtime.generate
+    against transformers' own generate (no adapter) and PEFT's adapter_names=."""
     result = _run(
         app,
         "serve",
@@ -136,6 +173,9 @@ def serve_cmd(app: App, batch, new_tokens, ks, no_runtime, plot, **options) -> N
         new_tokens=new_tokens,
         ks=list(ks) or None,
         runtime=not no_runtime,
+        single=not no_single,
+        diagnostics=diagnostics,
+        hf_compile=hf_compile,
     )
     if plot:
         from adaptory.adapters.bench import plot_serve
@@ -145,18 +185,24 @@ def serve_cmd(app: App, batch, new_tokens, ks, no_runtime, plot, **options) -> N
 
 @bench_group.command("http")
 @_common
-@click.option("--clients", type=click.IntRange(1), help="Concurrent clients (default 16).")
-@click.option("--requests", type=click.IntRange(1), help="Requests in all (default 64).")
+@click.option("--clients", type=click.IntRange(1), help="Concurrent clients (default 32).")
+@click.option("--requests", type=click.IntRange(1), help="Requests in all (default: --clients).")
+@click.option("--new-tokens", type=click.IntRange(1), help="Generated per request (default 32).")
 @click.option("-k", "--adapters", "k", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--no-hf", is_flag=True, help="Skip transformers' generate.")
+@click.option("--hf-compile", is_flag=True,
+              help="Also transformers' generate with a static cache, compiled.")  # fmt: skip
 @pass_app
-def http_cmd(app: App, clients, requests, k, **options) -> None:
-    """`adaptory serve` end to end under concurrent HTTP clients: p50/p99 latency, tokens/s."""
+def http_cmd(app: App, clients, requests, new_tokens, k, no_hf, hf_compile, **options) -> None:
+    """The server end to end under concurrent HTTP clients: p50/p99 latency, time to first
+    token, tokens/s, against Runtime.generate and transformers' generate."""
     from adaptory.adapters.bench import serve_available
     from adaptory.registry.errors import ConfigError
 
     if not serve_available():
         raise ConfigError("`adaptory serve` is not available in this build")
-    _run(app, "http", options, clients=clients, requests=requests, k=k)
+    _run(app, "http", options, clients=clients, requests=requests, new_tokens=new_tokens, k=k,
+         hf=not no_hf, hf_compile=hf_compile)  # fmt: skip
 
 
 @bench_group.command("memory")
@@ -169,24 +215,71 @@ def http_cmd(app: App, clients, requests, k, **options) -> None:
     multiple=True,
     help="Resident adapter counts (repeatable; default 1, 10, 100).",
 )
+@click.option("--no-throughput", is_flag=True,
+              help="Skip decoding with every resident adapter in one batch.")  # fmt: skip
+@click.option("--new-tokens", type=click.IntRange(1), help="Generated per request (default 32).")
 @pass_app
-def memory_cmd(app: App, counts, **options) -> None:
-    """Memory of N adapters on one 4-bit base against N merged models; bytes per adapter."""
-    _run(app, "memory", options, counts=list(counts) or None)
+def memory_cmd(app: App, counts, no_throughput, new_tokens, **options) -> None:
+    """Memory of N adapters on one 4-bit base against their raw size and N merged models;
+    one batch over all N adapters against one."""
+    _run(app, "memory", options, counts=list(counts) or None, throughput=not no_throughput,
+         new_tokens=new_tokens)  # fmt: skip
 
 
 @bench_group.command("train")
 @_common
+@click.option("--steps", type=click.IntRange(2), help="Optimizer steps per run (default 8).")
 @pass_app
-def train_cmd(app: App, **options) -> None:
+def train_cmd(app: App, steps, **options) -> None:
     """Training tokens/s and peak memory: 4-bit vs unquantized base (and `adaptory train`)."""
-    _run(app, "train", options)
+    _run(app, "train", options, steps=steps)
+
+
+@bench_group.command("summary")
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write every result, as a list, to this file.")  # fmt: skip
+@pass_app
+def summary_cmd(app: App, files, json_out) -> None:
+    """One table of every target in saved results (`bench … --json FILE`): met or missed by
+    how much. A file that is missing or unreadable is listed as such."""
+    from rich.table import Table
+
+    from adaptory.registry.errors import BadInput
+
+    if not files:
+        raise BadInput("name at least one result file (bench … --json FILE)")
+    results, unreadable = [], []
+    for file in files:
+        try:
+            results.append((file, json.loads(file.read_text())))
+        except (OSError, ValueError) as exc:
+            unreadable.append((file, type(exc).__name__))
+    table = Table(title="targets")
+    for column in ("bench", "size", "device", "target", "measured", "result"):
+        table.add_column(column, justify="right" if column == "measured" else "left")
+    for _file, result in results:
+        s = result.get("settings", {})
+        for name, outcome in (result.get("targets") or {}).items():
+            verdict, measured = _verdict(outcome)
+            table.add_row(result.get("bench", "?"), str(s.get("size", "?")),
+                          str(s.get("device", "?")), name, measured, verdict)  # fmt: skip
+    for file, why in unreadable:
+        table.add_row(file.stem, "-", "-", "no result", "-", styled((f"missing ({why})", "red")))
+    app.out.print(table)
+    if json_out:
+        from adaptory.adapters.bench import write_json
+
+        write_json({"results": [r for _, r in results]}, json_out)
+        app.err.print(f"wrote {json_out}")
 
 
 # --- rendering -----------------------------------------------------------------------------
 
 
-def _fmt_s(seconds: float) -> str:
+def _fmt_s(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
     if seconds < 1e-3:
         return f"{seconds * 1e6:.1f} µs"
     if seconds < 1:
@@ -204,42 +297,59 @@ def _fmt_b(n: float | None) -> str:
     return str(n)
 
 
+def _fmt_value(value: float) -> str:
+    return f"{value:.2f}×" if abs(value) >= 0.1 else f"{value:.3g}"
+
+
+def _verdict(outcome) -> tuple:
+    """(styled verdict, measured value as text) of one target: met or missed by how much of
+    its threshold, or n/a with the reason (older results hold a plain bool)."""
+    if isinstance(outcome, bool):
+        return styled(("met", "green") if outcome else ("missed", "red")), "-"
+    value, op, threshold = outcome.get("value"), outcome.get("op"), outcome.get("threshold")
+    if outcome.get("met") is None or value is None:
+        return styled(("n/a", "yellow"), f" ({outcome.get('note') or 'not measured'})"), "-"
+    margin = abs(outcome.get("margin", 0.0)) * 100
+    word = ("met", "green") if outcome["met"] else ("missed", "red")
+    return styled(word, f" by {margin:.0f}% ({op} {threshold:g})"), _fmt_value(value)
+
+
+RESULT_COLUMNS = (  # optional per-variant columns, shown when some variant has them
+    ("tokens_per_s", "tokens/s", lambda v: f"{v:.1f}"),
+    ("latency_p50_s", "p50", _fmt_s),
+    ("latency_p99_s", "p99", _fmt_s),
+    ("ttft_p50_s", "TTFT p50", _fmt_s),
+    ("ttft_p99_s", "TTFT p99", _fmt_s),
+    ("peak_bytes", "peak bytes", _fmt_b),
+)
+
+
 def render(app: App, result: dict) -> None:
     from rich.table import Table
 
     s = result["settings"]
     m = result.get("machine", {})
+    where = m.get("gpu") or f"{m.get('cpu', '')} ×{m.get('nproc', '?')}"
     title = (
-        f"bench {result['bench']} · {s.get('size')} base ({s.get('params') or '?'} params) · "
-        f"{s['device']} · {m.get('cpu', '')} ×{m.get('nproc', '?')} · torch {m.get('torch', '')}"
+        f"bench {result['bench']} · {s.get('size')} base ({s.get('params') or '?'} params, "
+        f"{s.get('built', 'folder')}) · {s['device']} · {where} · torch {m.get('torch', '')}"
     )
     results = result["results"]
     if result["bench"] == "memory":
         _render_memory(app, title, results)
-    elif result["bench"] == "http":
-        table = Table(title=title)
-        table.add_column("measure")
-        table.add_column("value", justify="right")
-        for key, value in results.items():
-            if key.startswith("latency") or key == "wall_s":
-                cell = _fmt_s(value)
-            else:
-                cell = f"{value:.1f}" if isinstance(value, float) else str(value)
-            table.add_row(key, cell)
-        app.out.print(table)
     else:
         table = Table(title=title)
         table.add_column("variant")
         table.add_column("median", justify="right")
         table.add_column("min", justify="right")
         table.add_column("runs", justify="right")
-        extra = [k for k in ("tokens_per_s", "peak_bytes") if k in next(iter(results.values()))]
-        for key in extra:
-            table.add_column(key.replace("_", " "), justify="right")
+        rows = [r for r in results.values() if isinstance(r, dict)]
+        extra = [c for c in RESULT_COLUMNS if any(c[0] in r for r in rows)]
+        for _, header, _ in extra:
+            table.add_column(header, justify="right")
         for name, r in results.items():
             cells = [name, _fmt_s(r["median_s"]), _fmt_s(r["min_s"]), str(r["runs"])]
-            for key in extra:
-                cells.append(f"{r[key]:.1f}" if key == "tokens_per_s" else _fmt_b(r[key]))
+            cells += [fmt(r[key]) if r.get(key) is not None else "-" for key, _, fmt in extra]
             table.add_row(*cells)
         app.out.print(table)
     if result.get("ratios"):
@@ -249,8 +359,11 @@ def render(app: App, result: dict) -> None:
         for name, value in result["ratios"].items():
             ratios.add_row(name, f"{value:.2f}×")
         app.out.print(ratios)
-    for name, ok in result.get("targets", {}).items():
-        app.out.print(styled(("met", "green") if ok else ("missed", "red"), f"  {name}"))
+    for name, outcome in result.get("targets", {}).items():
+        verdict, measured = _verdict(outcome)
+        app.out.print(styled(f"{name}: {measured}  "), verdict, highlight=False)
+    for name, error in (result.get("errors") or {}).items():
+        app.out.print(styled(("failed", "red"), f"  {name}: {error}"), highlight=False)
     for note in result.get("notes", []):
         app.out.print(styled((note, "dim")), highlight=False)
 
@@ -263,6 +376,7 @@ def _render_memory(app: App, title: str, r: dict) -> None:
         "adapters",
         "bank bytes",
         "per adapter",
+        "÷ raw",
         "RSS Δ",
         "CUDA Δ",
         "1 base + bank",
@@ -275,6 +389,7 @@ def _render_memory(app: App, title: str, r: dict) -> None:
             str(row["adapters"]),
             _fmt_b(row["bank_nbytes"]),
             _fmt_b(row["bank_bytes_per_adapter"]),
+            f"{row['bank_over_raw']:.2f}×" if "bank_over_raw" in row else "-",
             _fmt_b(row["rss_delta"]),
             _fmt_b(row["cuda_allocated_delta"]),
             _fmt_b(row["one_base_plus_bank_bytes"]),
@@ -282,16 +397,25 @@ def _render_memory(app: App, title: str, r: dict) -> None:
             f"{row['merged_over_shared']:.1f}×",
         )
     app.out.print(table)
+    raw = r.get("adapter_raw_bytes", r.get("adapter_theoretical_bytes"))
     app.out.print(
-        f"base footprint {_fmt_b(r['base']['footprint_bytes'])}, one merged model "
-        f"{_fmt_b(r['merged_model']['footprint_bytes'])}; theory per adapter "
-        f"{_fmt_b(r['adapter_theoretical_bytes'])} over {r['adapted_matrices']} matrices; "
-        f"marginal {_fmt_b(r['bank_marginal_bytes_per_adapter'])} "
-        f"({(r['bank_marginal_over_theory'] or 0):.2f}× theory)"
+        f"base footprint {_fmt_b(r['base']['footprint_bytes'])}; one adapter raw "
+        f"{_fmt_b(raw)} over {r['adapted_matrices']} matrices; bank marginal "
+        f"{_fmt_b(r['bank_marginal_bytes_per_adapter'])} "
+        f"({(r['bank_marginal_over_theory'] or 0):.2f}× raw)",
+        highlight=False,
     )
     runtime = r.get("runtime")
-    if runtime:
-        rows = ", ".join(
-            f"{row['adapters']}: {_fmt_b(sum(row['tiers'].values()))}" for row in runtime["rows"]
+    if runtime and "memory_bytes" in runtime:
+        app.out.print(
+            f"Runtime with {runtime['adapters']} resident: bank {_fmt_b(runtime['bank_nbytes'])}, "
+            f"device memory taken {_fmt_b(runtime['cuda_allocated_delta'])}, "
+            f"{runtime['memory_over_raw']:.3f}× raw ({_fmt_b(runtime['raw_bytes'])}); "
+            f"loaded in {runtime['load_s']:.1f}s",
+            highlight=False,
         )
-        app.out.print(f"Runtime resident ({'/'.join(runtime['tiers'])}): {rows}")
+        for name, row in (runtime.get("throughput") or {}).items():
+            app.out.print(
+                f"  {name}: median {_fmt_s(row['median_s'])}, {row['tokens_per_s']:.1f} tokens/s",
+                highlight=False,
+            )

@@ -1,15 +1,17 @@
-"""Benchmarks: adapter swap cost, mixed-adapter serving throughput, memory per adapter, training.
+"""Benchmarks: adapter swap cost, mixed-adapter serving throughput, memory per adapter, training,
+the server end to end.
 
 Each `bench_*` function returns a JSON-able dict. Every compared variant is measured in the same
 process, interleaved (variant order rotates each repeat), after one untimed warm-up run of each,
 and reported as median seconds over the repeats plus ratios of medians: on a shared machine
-absolute timings drift, but variants measured side by side drift together. One module per
-benchmark over a shared harness; may import every other room.
+absolute timings drift, but variants measured side by side drift together. Targets carry the
+measured value, the threshold and the margin. One module per benchmark over a shared harness;
+may import every other room.
 
-The model-level serving paths share one decode loop (`greedy_decode`: left-padded prefill, then
-one token per step with a KV cache), so they differ only in how adapters are applied:
-the plain base, Adaptory's `LoraBank` (one gathered bmm per adapted layer), PEFT's mixed batch
-(`adapter_names=` on every forward) and PEFT swap-per-group (`set_adapter`, one sub-batch each).
+Bases are random-init Llama-shaped models: the small sizes from a saved folder, `1b` and `8b`
+built in place on the device, 4-bit from the start (adapters/bases/shapes.py). Serving is
+compared with transformers' own `generate` on the same base with no adapter and with PEFT's
+mixed batch (`adapter_names=` on every forward of one compact decode loop, `greedy_decode`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from collections.abc import Callable
 
 from adaptory.adapters.bench.harness import (
     BenchSettings,
+    bench_loaded,
     default_workdir,
     greedy_decode,
+    hf_generate,
     load_bench_base,
     lora_shapes,
     machine_info,
@@ -28,6 +32,7 @@ from adaptory.adapters.bench.harness import (
     peft_with_adapters,
     prompts,
     read_adapter,
+    target,
     write_json,
 )
 from adaptory.adapters.bench.http import bench_http, serve_available, wait_healthy
@@ -40,12 +45,14 @@ __all__ = [
     "BENCHES",
     "BenchSettings",
     "bench_http",
+    "bench_loaded",
     "bench_memory",
     "bench_serve",
     "bench_swap",
     "bench_train",
     "default_workdir",
     "greedy_decode",
+    "hf_generate",
     "load_bench_base",
     "lora_shapes",
     "machine_info",
@@ -56,6 +63,7 @@ __all__ = [
     "read_adapter",
     "run_bench",
     "serve_available",
+    "target",
     "wait_healthy",
     "write_json",
 ]

@@ -1,7 +1,10 @@
-"""`adaptory bench http`: the server end to end under concurrent clients."""
+"""`adaptory bench http`: the server end to end under concurrent clients, against Runtime.generate
+at the same concurrency and transformers' own `generate` of the same batch with no adapter."""
 
 from __future__ import annotations
 
+import json
+import math
 import threading
 import time
 from pathlib import Path
@@ -9,12 +12,21 @@ from pathlib import Path
 from adaptory.adapters.bench.harness import (
     BenchSettings,
     _settings_dict,
-    bench_base,
-    load_bench_base,
-    lora_shapes,
-    make_adapters,
+    base_name,
+    bench_adapters,
+    bench_loaded,
+    hf_compiled,
+    hf_generate,
+    interleave,
+    ratio,
     register_adapters,
+    runtime_for,
+    summary,
+    target,
+    timed,
 )
+
+PROMPT = "the cat sat on the mat and the dog ran to the park"
 
 # --- serve over HTTP -----------------------------------------------------------------------
 
@@ -36,6 +48,87 @@ def wait_healthy(url: str, server, log: Path, *, timeout: float = 120) -> None:
     raise RuntimeError(f"adaptory serve did not become healthy in {timeout:.0f}s; see {log}")
 
 
+class ThreadedServer:
+    """The server app under uvicorn on 127.0.0.1 (a free port) in a thread of this process,
+    as `adaptory serve` runs it; the base stays the one this process built."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        from adaptory.adapters.serving import server as serving
+
+        options = {}
+        if hasattr(serving, "uvicorn_options") and hasattr(app.state, "settings"):
+            options = serving.uvicorn_options(app.state.settings)
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **options)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the benchmark's uvicorn server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True  # what uvicorn's SIGTERM handler does
+        self.thread.join(60)
+
+
+def server_settings(**wanted):
+    """ServerSettings with the fields this server has (the lead's may add or rename some)."""
+    import dataclasses
+
+    from adaptory.adapters.serving.server import ServerSettings
+
+    known = {f.name for f in dataclasses.fields(ServerSettings)}
+    return ServerSettings(**{k: v for k, v in wanted.items() if k in known})
+
+
+def load_round(url: str, *, models, clients, requests, max_tokens, stream, timeout) -> dict:
+    """One round of the load generator, in its own process (adapters/bench/http_load.py)."""
+    import subprocess
+    import sys
+
+    options = {
+        "url": url,
+        "models": models,
+        "prompt": PROMPT,
+        "clients": clients,
+        "requests": requests,
+        "max_tokens": max_tokens,
+        "stream": stream,
+        "timeout": timeout,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "adaptory.adapters.bench.http_load", json.dumps(options)],
+        capture_output=True,
+        text=True,
+        timeout=timeout + 60,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the load generator failed: {done.stderr.strip()[-2000:]}")
+    result = json.loads(done.stdout)
+    if result["errors"] or len(result["requests"]) != requests:
+        raise RuntimeError(
+            f"{len(result['requests'])} of {requests} requests succeeded: "
+            + "; ".join(result["errors"][:3])
+        )
+    return result
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-quantile (nearest rank) of `values`, or None when there are none."""
+    ordered = sorted(v for v in values if v is not None)
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
 def bench_http(
     settings: BenchSettings,
     *,
@@ -43,108 +136,176 @@ def bench_http(
     requests: int | None = None,
     new_tokens: int | None = None,
     k: int = 8,
+    hf: bool = True,
+    hf_compile: bool = False,
     timeout: float = 300.0,
 ) -> dict:
-    """The server end to end: `adaptory serve` in a subprocess on a free 127.0.0.1 port,
-    `clients` concurrent httpx clients sending `requests` completions over `k` adapters."""
-    import socket
-    import subprocess
-    import sys
-
-    import httpx
-
+    """`clients` concurrent clients send `requests` completions (`new_tokens` each, greedy,
+    request i on adapter i mod k) to the server app under uvicorn, in this process, over the
+    Runtime this process holds; a separate process plays the clients. Measured side by side:
+    the same requests through Runtime.generate (`clients` at a time, one call each), and
+    transformers' `generate` of `clients` copies of the prompt on the same base, no adapter."""
+    from adaptory.adapters.serving.runtime import GenerationRequest
+    from adaptory.adapters.serving.server import create_app
     from adaptory.registry import Registry
 
-    quick = settings.quick
-    clients = clients or (2 if quick else 16)
-    requests = requests or (4 if quick else 64)
+    quick, device = settings.quick, settings.device
+    clients = clients or (4 if quick else 32)
+    requests = requests or clients
     new_tokens = new_tokens or (4 if quick else 32)
-    base_dir = bench_base(settings)
-    loaded = load_bench_base(base_dir, settings)
-    shapes = lora_shapes(loaded.model)
-    del loaded
-    folders = make_adapters(base_dir, shapes, k, settings.workdir / "adapters" / base_dir.name)
-    home = settings.workdir / "home"
-    entries = register_adapters(Registry(home), base_dir, folders)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [
-        sys.executable, "-m", "adaptory.cli.main", "--home", str(home), "serve",
-        "--base", str(base_dir), "--host", "127.0.0.1", "--port", str(port),
-        "--device", settings.device, "--max-adapters", str(k + 1), "--max-batch", str(clients),
-    ]  # fmt: skip
-    log = settings.workdir / "serve.log"
-    with log.open("wb") as sink:
-        server = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, server, log, timeout=120)
-        prompt = "the cat sat on the mat and the dog ran to the park"
-        for entry in entries:  # load every adapter once, untimed
-            httpx.post(
-                f"{url}/v1/completions",
-                json={"model": entry.ref, "prompt": prompt, "max_tokens": 1},
-                timeout=timeout,
-            ).raise_for_status()
-        latencies: list[float] = []
+    k = min(k, requests)
+    loaded = bench_loaded(settings)
+    folders = bench_adapters(loaded, settings, k)
+    registry = Registry(settings.workdir / "home-http")
+    entries = register_adapters(registry, loaded, folders)
+    rt = runtime_for(loaded, registry, settings, max_adapters=k + 1)
+    refs = [e.ref for e in entries]
+    for ref in refs:  # resident before anything is timed, as after a server's first requests
+        rt.load(ref)
+    waves = math.ceil(requests / clients)
+    tokens = requests * new_tokens
+    records: dict[str, list[dict]] = {"http": [], "http_stream": []}
+
+    def runtime_run() -> float:
         produced = [0]
-        lock = threading.Lock()
-        jobs = iter(range(requests))
 
-        def client() -> None:
-            with httpx.Client(timeout=timeout) as http:
-                while True:
-                    with lock:
-                        i = next(jobs, None)
-                    if i is None:
-                        return
-                    start = time.perf_counter()
-                    reply = http.post(
-                        f"{url}/v1/completions",
-                        json={
-                            "model": entries[i % k].ref,
-                            "prompt": prompt,
-                            "max_tokens": new_tokens,
-                            "temperature": 0,
-                        },
-                    )
-                    reply.raise_for_status()
-                    seconds = time.perf_counter() - start
-                    usage = reply.json().get("usage", {})
-                    with lock:
-                        latencies.append(seconds)
-                        produced[0] += int(usage.get("completion_tokens", new_tokens))
+        def run():
+            for wave in range(waves):
+                batch = [
+                    GenerationRequest(prompt=PROMPT, adapter=refs[i % k], max_new_tokens=new_tokens)
+                    for i in range(wave * clients, min(requests, (wave + 1) * clients))
+                ]
+                produced[0] += sum(r.completion_tokens for r in rt.generate(batch))
 
-        threads = [threading.Thread(target=client) for _ in range(clients)]
-        start = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        wall = time.perf_counter() - start
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-    if len(latencies) != requests:
-        raise RuntimeError(f"only {len(latencies)} of {requests} requests succeeded; see {log}")
-    ordered = sorted(latencies)
+        return timed(run, device) * tokens / max(1, produced[0])
+
+    encoded = loaded.tokenizer([PROMPT] * clients, return_tensors="pt")
+    ids = encoded["input_ids"].to(device)
+    mask = encoded["attention_mask"].to(device)
+
+    def hf_run(**options):
+        def run() -> float:
+            produced = [0]
+
+            def go():
+                for wave in range(waves):
+                    rows = min(clients, requests - wave * clients)
+                    produced[0] += hf_generate(
+                        loaded.model, ids[:rows], mask[:rows], new_tokens, **options
+                    ).numel()
+
+            return timed(go, device) * tokens / max(1, produced[0])
+
+        return run
+
+    app = create_app(
+        {rt.base_ref: rt},
+        registry=registry,
+        settings=server_settings(
+            max_batch=clients,
+            max_prompt_tokens=max(64, ids.shape[1] * 2),
+            max_tokens_limit=max(16, new_tokens),
+        ),
+    )
+    with ThreadedServer(app) as url:
+
+        def http_run(stream: bool):
+            def run() -> float:
+                result = load_round(
+                    url, models=refs, clients=clients, requests=requests,
+                    max_tokens=new_tokens, stream=stream, timeout=timeout,
+                )  # fmt: skip
+                records["http_stream" if stream else "http"].append(result)
+                produced = sum(r["completion_tokens"] for r in result["requests"])
+                return result["wall_s"] * tokens / max(1, produced)
+
+            return run
+
+        variants = {
+            f"runtime/B={clients}": runtime_run,
+            f"http/B={clients}": http_run(False),
+            f"http_stream/B={clients}": http_run(True),
+        }
+        if hf:
+            variants[f"hf_generate/B={clients}"] = hf_run()
+        if hf_compile:
+            variants[f"hf_static_compile/B={clients}"] = hf_run(static=True, compile=True)
+        errors: dict[str, str] = {}
+        times = interleave(
+            variants,
+            settings.repeats,
+            log=settings.say,
+            optional=[n for n in variants if n.startswith("hf_static_compile")],
+            errors=errors,
+        )
+    results = {}
+    for name, samples in times.items():
+        entry = summary(samples)
+        entry["tokens"] = tokens
+        entry["tokens_per_s"] = tokens / entry["median_s"]
+        kind = name.split("/")[0]
+        if kind in records:
+            # latencies over every timed round (the warm-up round is the first recorded)
+            rounds = records[kind][-len(samples) :]
+            latencies = [r["latency_s"] for rd in rounds for r in rd["requests"]]
+            entry["latency_p50_s"] = percentile(latencies, 0.5)
+            entry["latency_p99_s"] = percentile(latencies, 0.99)
+            entry["requests_per_s"] = requests / entry["median_s"]
+            if kind == "http_stream":
+                ttfts = [r["ttft_s"] for rd in rounds for r in rd["requests"]]
+                entry["ttft_p50_s"] = percentile(ttfts, 0.5)
+                entry["ttft_p99_s"] = percentile(ttfts, 0.99)
+                entry["ttft_missing"] = sum(t is None for t in ttfts)
+        results[name] = entry
+    tps = {name: r["tokens_per_s"] for name, r in results.items()}
+    b = clients
+    hf_names = [n for n in (f"hf_generate/B={b}", f"hf_static_compile/B={b}") if n in tps]
+    reference = max(hf_names, key=tps.__getitem__) if hf_names else None
+    ratios = {}
+    for kind in ("http", "http_stream"):
+        value = ratio(tps, f"{kind}/B={b}", f"runtime/B={b}")
+        if value is not None:
+            ratios[f"{kind} / runtime (B={b})"] = value
+        if reference:
+            ratios[f"{kind} / HF fastest (B={b})"] = ratio(tps, f"{kind}/B={b}", reference)
+    if reference:
+        ratios[f"runtime / HF fastest (B={b})"] = ratio(tps, f"runtime/B={b}", reference)
+    targets = {
+        f"HTTP >= 0.8x Runtime.generate, same concurrency ({b})": target(
+            ratio(tps, f"http/B={b}", f"runtime/B={b}"), ">=", 0.8
+        ),
+        f"HTTP >= 0.8x transformers generate, batch {b}, no adapter": target(
+            ratio(tps, f"http/B={b}", reference) if reference else None, ">=", 0.8,
+            missing="transformers generate not measured",
+        ),
+    }  # fmt: skip
     return {
         "bench": "http",
         "settings": _settings_dict(
-            settings, base_dir, clients=clients, requests=requests, new_tokens=new_tokens, k=k
+            settings,
+            loaded.source.path,
+            clients=clients,
+            requests=requests,
+            new_tokens=new_tokens,
+            k=k,
+            hf_reference=reference,
+            hf_compiled=hf_compiled(loaded.model),
+            base_name=base_name(loaded),
         ),
-        "results": {
-            "latency_p50_s": ordered[len(ordered) // 2],
-            "latency_p99_s": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
-            "wall_s": wall,
-            "completion_tokens": produced[0],
-            "tokens_per_s": produced[0] / wall,
-            "requests_per_s": requests / wall,
-        },
+        "results": results,
+        "ratios": ratios,
+        "targets": targets,
+        "errors": errors,
+        "notes": [
+            f"{requests} completions of {new_tokens} tokens (greedy, the same {PROMPT!r}), "
+            f"request i on adapter i mod {k}, from {clients} concurrent clients in another "
+            "process; the server (FastAPI + scheduler + Runtime, the app `adaptory serve` "
+            f"runs) under uvicorn in this process, --max-batch {clients}",
+            "http: plain completions; http_stream: stream=true (time to first token = the "
+            "first chunk with text); latencies and tokens over every timed round",
+            f"runtime: the same requests through Runtime.generate, {clients} per call; HF: "
+            f"transformers' generate of {clients} copies of the prompt, no adapter",
+        ],
     }
 
 

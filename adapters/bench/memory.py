@@ -1,106 +1,104 @@
-"""`adaptory bench memory`: memory per resident adapter against merged models."""
+"""`adaptory bench memory`: memory per resident adapter against merged models, and decoding with
+every resident adapter in one batch."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from adaptory.adapters.bench.harness import (
-    RANK,
-    TARGETS,
     BenchSettings,
-    _runtime_or_none,
     _settings_dict,
+    base_name,
+    bench_adapters,
     bench_base,
+    bench_loaded,
     cuda_allocated,
-    load_bench_base,
+    interleave,
     lora_config,
+    lora_dtype,
     lora_shapes,
-    make_adapters,
     random_lora,
+    ratio,
+    raw_lora_bytes,
     register_adapters,
     rss_bytes,
-    write_lora,
+    runtime_for,
+    summary,
+    sync,
+    target,
+    timed,
 )
-from adaptory.adapters.bench.swap import merged_model_dir
 
 # --- memory --------------------------------------------------------------------------------
 
 
-def bench_memory(settings: BenchSettings, *, counts: Sequence[int] | None = None) -> dict:
-    """Resident memory with N adapters on one 4-bit base (the bank, and the Runtime when there
-    is one) against N merged models, and bytes per adapter against r·(d_in+d_out)·dtype."""
+def bench_memory(
+    settings: BenchSettings,
+    *,
+    counts: Sequence[int] | None = None,
+    throughput: bool = True,
+    new_tokens: int | None = None,
+    prompt_len: int = 16,
+) -> dict:
+    """Bytes of N resident adapters on one 4-bit base against their raw size and against N
+    merged models: a LoraBank sized for each N, then the Runtime holding the largest N (loaded
+    from the registry as a server loads them), which then decodes one batch with every row on
+    its own adapter against the same batch on one adapter."""
     import gc
 
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from adaptory.adapters.bases.loading import CAUSAL_SKIP_MODULES, quantization_config
     from adaptory.adapters.serving.lora_bank import LoraBank
 
-    counts = list(counts or ((1, 4) if settings.quick else (1, 10, 100)))
+    counts = sorted(set(counts or ((1, 4) if settings.quick else (1, 10, 100))))
+    new_tokens = new_tokens or (4 if settings.quick else 32)
     device = settings.device
-    base_dir = bench_base(settings)
     gc.collect()
     rss0, cuda0 = rss_bytes(), cuda_allocated(device)
-    loaded = load_bench_base(base_dir, settings)
+    loaded = bench_loaded(settings)
     gc.collect()
     base_rss = rss_bytes() - rss0
     base_cuda = cuda_allocated(device) - cuda0
     base_footprint = loaded.model.get_memory_footprint()
-    shapes = lora_shapes(loaded.model)
-    bank = LoraBank(loaded.model)
-    config = lora_config(str(base_dir))
-    elem = torch.empty((), dtype=bank.dtype or _bank_dtype(loaded.model, shapes)).element_size()
-    theory = sum(RANK * (d_in + d_out) * elem for d_in, d_out in shapes.values())
+    shapes = lora_shapes(loaded.model, settings.targets)
+    dtype = lora_dtype(loaded.model, shapes)
+    elem = torch.empty((), dtype=dtype).element_size()
+    raw = raw_lora_bytes(shapes, settings.rank, elem)
+    config = lora_config(str(loaded.source.path), r=settings.rank, targets=settings.targets)
 
     rows = []
-    added = 0
-    gc.collect()
-    rss_start, cuda_start = rss_bytes(), cuda_allocated(device)
     for n in counts:
-        while added < n:
-            state = {k: v.to(device) for k, v in random_lora(shapes, seed=added).items()}
-            bank.add(f"a{added}", state, config)
-            del state
-            added += 1
+        bank = LoraBank(loaded.model, dtype=dtype)
+        if hasattr(bank, "reserve"):
+            bank.reserve(n)
         gc.collect()
+        rss_start, cuda_start = rss_bytes(), cuda_allocated(device)
+        for i in range(n):
+            state = random_lora(shapes, r=settings.rank, seed=i, device=device, dtype=dtype)
+            bank.add(f"a{i}", state, config)
+            del state
+        gc.collect()
+        sync(device)
         nbytes = bank.nbytes()
         rows.append(
             {
                 "adapters": n,
                 "bank_nbytes": nbytes,
                 "bank_bytes_per_adapter": nbytes / n,
+                "bank_over_raw": nbytes / (n * raw),
                 "rss_delta": rss_bytes() - rss_start,
                 "cuda_allocated_delta": cuda_allocated(device) - cuda_start,
-                "merged_models_bytes_extrapolated": None,  # filled below
             }
         )
-    bank.close()
-    del bank
-    # one merged model's size, measured; N merged models are extrapolated as N x that
-    folder = make_adapters(base_dir, shapes, 1, settings.workdir / "adapters" / base_dir.name)[0]
-    merged_dir = merged_model_dir(settings, base_dir, folder)
-    qconfig = quantization_config("nf4", device, CAUSAL_SKIP_MODULES)
-    gc.collect()
-    rss1, cuda1 = rss_bytes(), cuda_allocated(device)
-    merged = AutoModelForCausalLM.from_pretrained(
-        str(merged_dir),
-        quantization_config=qconfig,
-        device_map={"": 0 if device == "cuda" else device},
-    )
-    gc.collect()
-    merged_rss = rss_bytes() - rss1
-    merged_cuda = cuda_allocated(device) - cuda1
-    merged_footprint = merged.get_memory_footprint()
-    del merged
-    gc.collect()
-    one_model = merged_cuda if device.startswith("cuda") else merged_footprint
+        bank.close()
+        del bank
+        gc.collect()
+    merged = _one_merged_model(settings, loaded, base_footprint, base_cuda)
+    one_base = base_cuda if device.startswith("cuda") else base_footprint
     for row in rows:
-        row["merged_models_bytes_extrapolated"] = row["adapters"] * one_model
-        row["one_base_plus_bank_bytes"] = (
-            base_cuda if device.startswith("cuda") else base_footprint
-        ) + row["bank_nbytes"]
+        row["one_base_plus_bank_bytes"] = one_base + row["bank_nbytes"]
+        row["merged_models_bytes_extrapolated"] = row["adapters"] * merged["bytes"]
         row["merged_over_shared"] = (
             row["merged_models_bytes_extrapolated"] / row["one_base_plus_bank_bytes"]
         )
@@ -110,104 +108,196 @@ def bench_memory(settings: BenchSettings, *, counts: Sequence[int] | None = None
         marginal = (last["bank_nbytes"] - first["bank_nbytes"]) / (
             last["adapters"] - first["adapters"]
         )
+    deviation = None  # the largest distance of a count's bytes from the line, relative
+    if marginal is not None:
+        first = rows[0]
+        deviation = max(
+            abs(
+                r["bank_nbytes"]
+                - first["bank_nbytes"]
+                - marginal * (r["adapters"] - first["adapters"])
+            )
+            / r["bank_nbytes"]
+            for r in rows
+        )
 
-    runtime_rows = _runtime_memory(settings, base_dir, shapes, counts)
+    resident = _runtime_resident(settings, loaded, max(counts), raw, throughput, new_tokens,
+                                 prompt_len)  # fmt: skip
+    n = max(counts)
     results = {
         "base": {
             "footprint_bytes": base_footprint,
             "rss_delta": base_rss,
             "cuda_allocated_delta": base_cuda,
         },
-        "merged_model": {
-            "footprint_bytes": merged_footprint,
-            "rss_delta": merged_rss,
-            "cuda_allocated_delta": merged_cuda,
-        },
-        "adapter_theoretical_bytes": theory,
+        "merged_model": merged,
+        "adapter_raw_bytes": raw,
+        "adapter_theoretical_bytes": raw,
         "adapted_matrices": len(shapes),
         "bank": rows,
         "bank_marginal_bytes_per_adapter": marginal,
-        "bank_marginal_over_theory": marginal / theory if marginal else None,
-        "runtime": runtime_rows,
+        "bank_marginal_over_theory": marginal / raw if marginal else None,
+        "runtime": resident,
     }
-    growth = [r["bank_nbytes"] for r in rows]
-    linear = marginal is not None and all(
-        abs(growth[i] - (growth[0] + marginal * (rows[i]["adapters"] - rows[0]["adapters"])))
-        <= 0.01 * growth[i]
-        for i in range(len(rows))
-    )
+    targets = {
+        "bank: marginal bytes per adapter <= 1.2x raw": target(
+            marginal / raw if marginal else None, "<=", 1.2, missing="needs two counts"
+        ),
+        "bank: linear growth (largest deviation from the line <= 1%)": target(
+            deviation, "<=", 0.01, missing="needs two counts"
+        ),
+        f"{n} resident adapters (runtime): memory <= 1.2x raw adapter bytes": target(
+            resident["memory_over_raw"] if resident else None, "<=", 1.2,
+            missing="runtime not measured",
+        ),
+        f"K={n} mixed >= 0.85x K=1 (runtime, batch {n})": target(
+            (resident or {}).get("mixed_over_single"), ">=", 0.85,
+            missing="throughput not measured (needs more than one adapter)",
+        ),
+    }  # fmt: skip
     return {
         "bench": "memory",
         "settings": _settings_dict(
-            settings, base_dir, counts=counts, rank=RANK, targets=list(TARGETS)
+            settings, loaded.source.path, counts=counts, base_name=base_name(loaded)
         ),
         "results": results,
-        "targets": {
-            "marginal bytes per adapter <= 1.2x theory": marginal is not None
-            and marginal / theory <= 1.2,
-            "linear growth": linear,
-        },
+        "targets": targets,
         "notes": [
-            f"theory: sum over {len(shapes)} adapted matrices of r*(d_in+d_out)*{elem} bytes, r={RANK}",
-            "bank_nbytes includes slot 0, the zero adapter that plain-base rows gather "
-            "(a fixed overhead of one adapter)",
-            "merged models: N x one merged NF4 model's measured size, extrapolated, not loaded",
+            f"raw: r*(d_in+d_out)*{elem} bytes summed over {len(shapes)} adapted matrices "
+            f"(r={settings.rank}, {', '.join(settings.targets)}) = one adapter's own tensors "
+            "in the bank's dtype",
+            "bank rows: a LoraBank with room for exactly N (reserve) holding N adapters "
+            "generated on the device; bank_nbytes includes slot 0, the zero adapter that "
+            "plain-base rows gather (one adapter's size, a fixed overhead)",
+            "runtime: N adapters loaded from the registry into Runtime(max_adapters=N); its "
+            "memory is the larger of its bank's bytes and the device memory the loads took "
+            "(CUDA); then one batch of N requests, row i on adapter i (K=N) against all rows "
+            "on one adapter (K=1), Runtime.generate",
+            merged["note"],
             "rss deltas are noisy on CPU (allocator caching); bank_nbytes is exact",
         ],
     }
 
 
-def _bank_dtype(model, shapes):
-    from adaptory.adapters.serving.lora_bank import _compute_dtype
-
-    path = next(iter(shapes))
-    return _compute_dtype(model.get_submodule(path))
-
-
-def _runtime_memory(settings: BenchSettings, base_dir: Path, shapes, counts) -> dict | None:
-    """Bytes the Runtime holds for N resident adapters (it has one tier: its device)."""
+def _one_merged_model(settings: BenchSettings, loaded, base_footprint: int, base_cuda: int):
+    """One merged NF4 model's size: measured from a merged folder for saved bases; a base
+    built in place has no folder to merge into, and a merged NF4 model is exactly its size."""
     import gc
-    import tempfile as _tempfile
+
+    if settings.in_place:
+        size = base_cuda if settings.device.startswith("cuda") else base_footprint
+        return {
+            "bytes": size,
+            "footprint_bytes": base_footprint,
+            "note": "merged models: N x the base's own 4-bit size (a merged model has the "
+            "base's shapes), extrapolated, not loaded",
+        }
+    from transformers import AutoModelForCausalLM
+
+    from adaptory.adapters.bases.loading import CAUSAL_SKIP_MODULES, quantization_config
+    from adaptory.adapters.bench.harness import make_adapters
+    from adaptory.adapters.bench.swap import merged_model_dir
+
+    base_dir = bench_base(settings)
+    shapes = lora_shapes(loaded.model, settings.targets)
+    folder = make_adapters(
+        base_dir, shapes, 1, settings.workdir / "adapters" / f"{base_dir.name}-merge",
+        r=settings.rank, targets=settings.targets,
+    )[0]  # fmt: skip
+    merged_dir = merged_model_dir(settings, base_dir, folder)
+    device = settings.device
+    gc.collect()
+    rss1, cuda1 = rss_bytes(), cuda_allocated(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(merged_dir),
+        quantization_config=quantization_config("nf4", device, CAUSAL_SKIP_MODULES),
+        device_map={"": 0 if device == "cuda" else device},
+    )
+    gc.collect()
+    footprint = model.get_memory_footprint()
+    rss_delta, cuda_delta = rss_bytes() - rss1, cuda_allocated(device) - cuda1
+    del model
+    gc.collect()
+    return {
+        "bytes": cuda_delta if device.startswith("cuda") else footprint,
+        "footprint_bytes": footprint,
+        "rss_delta": rss_delta,
+        "cuda_allocated_delta": cuda_delta,
+        "note": "merged models: N x one merged NF4 model's measured size, extrapolated, not loaded",
+    }
+
+
+def _runtime_resident(settings, loaded, n, raw, throughput, new_tokens, prompt_len):
+    """The Runtime holding n adapters from the registry: its bytes, then K=n against K=1."""
+    import gc
 
     from adaptory.registry import Registry
 
     try:
-        from adaptory.adapters.serving.runtime import Runtime  # noqa: F401
+        from adaptory.adapters.serving.runtime import GenerationRequest
     except ImportError:
         return None
+    device = settings.device
+    start = time.perf_counter()
+    folders = bench_adapters(loaded, settings, n)  # those `bench serve` made are reused
     registry = Registry(settings.workdir / "home-memory")
-    config = lora_config(str(base_dir))
-    needed = max(counts)
-    folders = []
-    with _tempfile.TemporaryDirectory() as tmp:
-        for i in range(needed):
-            folders.append(
-                write_lora(Path(tmp) / f"m{i}", random_lora(shapes, seed=1000 + i), config)
-            )
-        entries = register_adapters(registry, base_dir, folders)
-    rt = _runtime_or_none(base_dir, registry, settings, max_adapters=needed)
-    tier = "cuda" if settings.device.startswith("cuda") else "cpu"
-    rows = []
-    loaded = 0
+    entries = register_adapters(registry, loaded, folders)
+    settings.say(f"{n} adapters written and registered in {time.perf_counter() - start:.1f}s")
     gc.collect()
-    rss_start, cuda_start = rss_bytes(), cuda_allocated(settings.device)
-    for n in counts:
-        while loaded < n:
-            rt.load(entries[loaded].ref)
-            loaded += 1
-        gc.collect()
-        held = rt._bank.nbytes()  # the runtime keeps LoRA weights in its LoraBank only
-        rows.append(
-            {
-                "adapters": n,
-                "tiers": {tier: held},
-                "bytes_per_adapter": held / n,
-                "rss_delta": rss_bytes() - rss_start,
-                "cuda_allocated_delta": cuda_allocated(settings.device) - cuda_start,
-            }
-        )
-    return {
-        "tiers": [tier],
-        "rows": rows,
-        "note": "the Runtime has one tier (its device); no CPU/GPU LRU tiers",
+    rss_start, cuda_start = rss_bytes(), cuda_allocated(device)
+    rt = runtime_for(loaded, registry, settings, max_adapters=n)
+    start = time.perf_counter()
+    for entry in entries:
+        rt.load(entry.ref)
+    sync(device)
+    load_s = time.perf_counter() - start
+    gc.collect()
+    held = rt._bank.nbytes()  # the runtime keeps LoRA weights in its LoraBank only
+    cuda_delta = cuda_allocated(device) - cuda_start
+    memory = max(held, cuda_delta) if device.startswith("cuda") else held
+    settings.say(f"{n} adapters loaded into the runtime in {load_s:.1f}s")
+    row = {
+        "adapters": n,
+        "bank_nbytes": held,
+        "bytes_per_adapter": held / n,
+        "rss_delta": rss_bytes() - rss_start,
+        "cuda_allocated_delta": cuda_delta,
+        "memory_bytes": memory,
+        "raw_bytes": n * raw,
+        "memory_over_raw": memory / (n * raw),
+        "load_s": load_s,
+        "resident": len(rt.resident()),
     }
+    if not throughput or n < 2:
+        return row
+    from adaptory.adapters.bench.harness import prompts
+
+    refs = [e.ref for e in entries]
+    ids, mask = prompts(loaded.tokenizer, n, prompt_len, "cpu", seed=settings.seed)
+    prompt_ids = [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)]
+
+    def run(adapters):
+        requests = [
+            GenerationRequest(prompt_ids=prompt_ids[i], adapter=a, max_new_tokens=new_tokens)
+            for i, a in enumerate(adapters)
+        ]
+        expected = n * new_tokens
+        count = {"tokens": expected}
+
+        def go():
+            count["tokens"] = sum(r.completion_tokens for r in rt.generate(requests))
+
+        return lambda: timed(go, device) * expected / max(1, count["tokens"])
+
+    variants = {f"runtime/K=1/B={n}": run([refs[0]] * n), f"runtime/K={n}/B={n}": run(refs)}
+    times = interleave(variants, settings.repeats, log=settings.say)
+    results = {}
+    for name, samples in times.items():
+        entry = summary(samples)
+        entry["tokens"] = n * new_tokens
+        entry["tokens_per_s"] = entry["tokens"] / entry["median_s"]
+        results[name] = entry
+    tps = {name: r["tokens_per_s"] for name, r in results.items()}
+    row["throughput"] = results
+    row["mixed_over_single"] = ratio(tps, f"runtime/K={n}/B={n}", f"runtime/K=1/B={n}")
+    return row
