@@ -27,6 +27,7 @@ import torch
 
 from adaptory.adapters.serving.detokenize import IncrementalText
 from adaptory.adapters.serving.kv_cache import KVShape, RowKVCache, bucket
+from adaptory.adapters.serving.lora_bank import group_rows
 from adaptory.adapters.serving.sampling import pick_tokens
 from adaptory.registry.errors import AdaptoryError, BadInput, ConfigError, InvalidAdapter
 
@@ -142,6 +143,9 @@ class DecodeBatch:
         )
         self._resize_buffers(self.cache.slots)
         self.lengths: list[int] = [0] * self.cache.slots  # host copy of each slot's positions
+        self.bank_host: list[int] = [0] * self.cache.slots  # host copy of bank_rows
+        self.group_offsets: torch.Tensor | None = None
+        self._groups_key: tuple | None = None
         self.written: list[int] = [0] * self.cache.slots  # positions written since last cleared
         self._eager_attention = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
         self._eos = eos_ids(model, runtime.tokenizer)
@@ -153,7 +157,7 @@ class DecodeBatch:
         """Per-slot device state the decode step reads (a captured graph's static inputs):
         each slot's last token, the position it goes to, and its LoRA-bank slot."""
         n = len(self.rows)
-        for name in ("last_tokens", "positions", "bank_rows"):
+        for name in ("last_tokens", "positions", "bank_rows", "group_order", "group_inverse"):
             new = torch.zeros(slots, dtype=torch.long, device=self.device)
             old = getattr(self, name, None)
             if old is not None:
@@ -243,6 +247,7 @@ class DecodeBatch:
         if self.cache.slots > len(self.lengths):
             self.lengths += [0] * (self.cache.slots - len(self.lengths))
             self.written += [0] * (self.cache.slots - len(self.written))
+            self.bank_host += [0] * (self.cache.slots - len(self.bank_host))
             self._resize_buffers(self.cache.slots)
 
     def _prefill(self, rows: list[_Row]) -> torch.Tensor:
@@ -268,7 +273,8 @@ class DecodeBatch:
             slot = start + i
             self.lengths[slot] = row.prefix_len + len(row.prompt_ids)
             self.written[slot] = max(self.written[slot], row.prefix_len + width)
-            self.bank_rows[slot] = self.rt._bank_slot(row.bank_key)
+            self.bank_host[slot] = self.rt._bank_slot(row.bank_key)
+            self.bank_rows[slot] = self.bank_host[slot]
         self.positions[start : start + m] = torch.tensor(self.lengths[start : start + m])
         return logits
 
@@ -293,8 +299,30 @@ class DecodeBatch:
         """The decode forward for slots [0, batch) attending positions [0, view), with each
         row's adapter. `static`: the LoRA bank takes no data-dependent shortcut (graphs)."""
         reuse = None if static else (id(self), self.routing)
-        with self.rt._bank_rows(self.bank_rows[:batch], static=static, reuse=reuse):
+        groups = self.groups(batch)
+        with self.rt._bank_rows(self.bank_rows[:batch], static=static, reuse=reuse, groups=groups):
             return self.step_body(batch, view)
+
+    def groups(self, batch: int):
+        """For the bank's grouped path (GPU): slots [0, batch) sorted by bank slot, the way back
+        and each bank slot's end offset, in static buffers refreshed only when rows or the
+        bucket change (a graph runner calls this before capturing or replaying). None when the
+        bank does not use the grouped path here."""
+        bank = self.rt._bank
+        if not bank.grouped_usable():
+            return None
+        key = (self.routing, batch, bank.capacity)
+        if key != self._groups_key:
+            order, inverse, ends = group_rows(self.bank_host[:batch], bank.capacity)
+            if self.group_offsets is None or len(self.group_offsets) != bank.capacity:
+                self.group_offsets = torch.zeros(
+                    bank.capacity, dtype=torch.int32, device=self.device
+                )
+            self.group_order[:batch] = torch.tensor(order)
+            self.group_inverse[:batch] = torch.tensor(inverse)
+            self.group_offsets[:] = torch.tensor(ends, dtype=torch.int32)
+            self._groups_key = key
+        return self.group_order[:batch], self.group_inverse[:batch], self.group_offsets
 
     def step_body(self, batch: int, view: int) -> torch.Tensor:
         """Each slot's last token at its own position, logits out. Reads only the batch's
@@ -381,6 +409,7 @@ class DecodeBatch:
             self.lengths[last] = 0
             self.positions[last] = 0
             self.bank_rows[last] = 0
+            self.bank_host[last] = 0
             self.rows.pop()
 
     def _move(self, src: int, dst: int) -> None:
@@ -389,6 +418,7 @@ class DecodeBatch:
         self.cache.clear(dst, self.lengths[src], self.written[dst])
         self.written[dst] = self.lengths[src]
         self.lengths[dst] = self.lengths[src]
+        self.bank_host[dst] = self.bank_host[src]
         for buffer in (self.last_tokens, self.positions, self.bank_rows):
             buffer[dst] = buffer[src]
 

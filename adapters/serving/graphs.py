@@ -53,7 +53,14 @@ class GraphedSteps(StepRunner):
         batch = self.batch
         size = bucket(n, largest=batch.cache.slots)
         view = bucket(longest, smallest=SMALLEST_VIEW, largest=batch.cache.length)
-        version = (batch.cache.version, batch.rt._bank.version, batch.last_tokens.data_ptr())
+        batch.groups(size)  # refresh the grouped path's static buffers outside any capture
+        offsets = batch.group_offsets.data_ptr() if batch.group_offsets is not None else 0
+        version = (
+            batch.cache.version,
+            batch.rt._bank.version,
+            batch.last_tokens.data_ptr(),
+            offsets,
+        )
         if version != self.captured_for:  # what the graphs read was reallocated
             self.graphs.clear()
             self.captured_for = version

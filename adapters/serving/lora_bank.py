@@ -21,6 +21,7 @@ a plain B·A update), so callers can fall back to PEFT for those.
 from __future__ import annotations
 
 import math
+import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -103,6 +104,9 @@ class LoraBank:
         # before reads tensors that are no longer the bank's
         self.version = 0
         self._kept: tuple[object, dict] | None = None  # (routing key, gathered A/B) across blocks
+        # (order, inverse, offsets) while a block runs grouped (see rows_from's `groups`)
+        self._groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._grouped_ok: dict[tuple, bool] = {}  # (device, dtype, rank) -> self-check passed
         self._modules = dict(model.named_modules())
 
     # --- adapters -------------------------------------------------------------------------------
@@ -167,6 +171,11 @@ class LoraBank:
         self._gathered = {}
         self._kept = None
 
+    @property
+    def capacity(self) -> int:
+        """Slots allocated (slot 0, the zero adapter, included)."""
+        return self._capacity
+
     def nbytes(self) -> int:
         return sum(s.a.nbytes + s.b.nbytes for s in self._stacks.values())
 
@@ -197,15 +206,41 @@ class LoraBank:
             self._single = None
             self._gathered = {}
 
+    def grouped_usable(self) -> bool:
+        """Whether decode steps may use the grouped path here: on CUDA, unless
+        ADAPTORY_GROUPED_LORA=0, when torch's grouped GEMM exists and gives the per-row result
+        on this device, dtype and rank (checked once, on a small problem)."""
+        if not self._stacks or os.environ.get("ADAPTORY_GROUPED_LORA", "1") == "0":
+            return False
+        stack = next(iter(self._stacks.values()))
+        if stack.a.device.type != "cuda" and os.environ.get("ADAPTORY_GROUPED_LORA") != "force":
+            return False
+        key = (str(stack.a.device), stack.a.dtype, stack.a.shape[1])
+        if key not in self._grouped_ok:
+            self._grouped_ok[key] = grouped_self_check(
+                stack.a.device, stack.a.dtype, stack.a.shape[1]
+            )
+        return self._grouped_ok[key]
+
     @contextmanager
-    def rows_from(self, slots: torch.Tensor, *, static: bool = False, reuse: object = None):
+    def rows_from(
+        self,
+        slots: torch.Tensor,
+        *,
+        static: bool = False,
+        reuse: object = None,
+        groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ):
         """Like `rows`, with each row's bank slot given as a device tensor the caller owns and
         updates in place (a captured graph's static input). `static`: always the general
         gathered path, never a shortcut chosen from the slots' current values (a graph replays
         whatever the values become). `reuse`: a key that stays equal while the rows and their
         slots do (a decode batch between joins and leaves); the per-row A and B gathered under
-        it are kept for the next block with the same key instead of gathered again."""
+        it are kept for the next block with the same key instead of gathered again. `groups`:
+        (order, inverse, offsets) — the rows sorted by slot, the way back, and each slot's end
+        in that order — for the grouped path of decode steps (see `grouped_usable`)."""
         self._rows = slots
+        self._groups = groups
         if static:
             self._all_base, self._single = False, None
         else:
@@ -222,6 +257,7 @@ class LoraBank:
             yield
         finally:
             self._kept = (key, self._gathered) if self._keep_gathered else None
+            self._groups = None
             self._rows = None
             self._single = None
             self._gathered = {}
@@ -239,6 +275,9 @@ class LoraBank:
             stack = self._stacks[path]
             if x.dtype != stack.a.dtype:
                 x = x.to(stack.a.dtype)
+            groups = self._groups
+            if groups is not None and x.shape[-2] == 1:  # a decode step: one token per row
+                return _grouped_delta(x, output, stack, *groups)
             if self._single is not None:
                 a, b = stack.a[self._single], stack.b[self._single]  # (r, d_in), (d_out, r)
                 xa = x.reshape(-1, x.shape[-1]) @ a.T
@@ -344,3 +383,48 @@ def _compute_dtype(module: nn.Module) -> torch.dtype:
 def _device(module: nn.Module) -> torch.device:
     weight = getattr(module, "weight", None)
     return weight.device if weight is not None else torch.device("cpu")
+
+
+def group_rows(slots: list[int], capacity: int) -> tuple[list[int], list[int], list[int]]:
+    """For rows using bank `slots`: the order that sorts them by slot, its inverse, and each
+    slot's end offset in that order (the grouped GEMM's `offs`)."""
+    order = sorted(range(len(slots)), key=slots.__getitem__)
+    inverse = [0] * len(order)
+    for position, row in enumerate(order):
+        inverse[row] = position
+    ends, count = [], 0
+    for slot in range(capacity):
+        count += slots.count(slot)
+        ends.append(count)
+    return order, inverse, ends
+
+
+def _grouped_delta(x, output, stack: _Stack, order, inverse, offsets):
+    """scale·B(A x) for one token per row with two grouped GEMMs over the rows sorted by slot
+    (Punica's SGMV, in torch): each resident adapter's factors are read once, no per-row copy."""
+    flat = x.reshape(-1, x.shape[-1]).index_select(0, order)
+    xa = torch._grouped_mm(flat, stack.a.transpose(1, 2), offs=offsets)
+    delta = torch._grouped_mm(xa, stack.b.transpose(1, 2), offs=offsets).index_select(0, inverse)
+    return output + delta.reshape(output.shape).to(output.dtype)
+
+
+def grouped_self_check(device, dtype, rank: int) -> bool:
+    """Run the grouped path on a small problem against per-row matmuls; False if it fails."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        slots = [2, 0, 2, 1, 3]
+        a = torch.randn(4, rank, 64, generator=generator).to(device, dtype)
+        b = torch.randn(4, 64, rank, generator=generator).to(device, dtype)
+        x = torch.randn(len(slots), 1, 64, generator=generator).to(device, dtype)
+        order, inverse, ends = group_rows(slots, 4)
+        groups = [torch.tensor(v, device=device) for v in (order, inverse)]
+        offsets = torch.tensor(ends, dtype=torch.int32, device=device)
+        got = _grouped_delta(x, torch.zeros(len(slots), 1, 64, device=device, dtype=dtype),
+                             _Stack(a, b), *groups, offsets)  # fmt: skip
+        want = torch.stack([b[s] @ (a[s] @ x[i, 0]) for i, s in enumerate(slots)])[:, None]
+        scale = float(want.abs().max()) or 1.0
+        return bool((got.float() - want.float()).abs().max() <= 2e-2 * scale)
+    except Exception:  # no kernel for this device, dtype or alignment: gather instead
+        return False

@@ -227,9 +227,9 @@ class Runtime:
         """The LoRA bank's routing for a forward whose row i runs adapter keys[i]."""
         return self._bank.rows([key if key in self._bank.slots else None for key in keys])
 
-    def _bank_rows(self, slots, *, static: bool = False, reuse: object = None):
+    def _bank_rows(self, slots, *, static: bool = False, reuse: object = None, groups=None):
         """The LoRA bank's routing from a device tensor of bank slots, one per row."""
-        return self._bank.rows_from(slots, static=static, reuse=reuse)
+        return self._bank.rows_from(slots, static=static, reuse=reuse, groups=groups)
 
     def _bank_slot(self, key: str) -> int:
         """The bank slot of a row for adapter `key` (0: the plain base, or a prefix adapter)."""

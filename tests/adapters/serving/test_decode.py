@@ -288,3 +288,50 @@ def test_incremental_text_equals_decoding_everything(causal, test_corpus):
             text = IncrementalText(tokenizer)
             pieces = [text.add(t) for t in ids] + [text.finish()]
             assert "".join(pieces) == text.text == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+# --- the LoRA bank's grouped path ---------------------------------------------------------------
+
+
+def test_group_rows_sorts_rows_by_slot_with_end_offsets():
+    from adaptory.adapters.serving.lora_bank import group_rows
+
+    order, inverse, ends = group_rows([2, 0, 2, 1, 0], capacity=4)
+    assert [[2, 0, 2, 1, 0][i] for i in order] == [0, 0, 1, 2, 2]
+    assert [order[i] for i in inverse] == list(range(5))
+    assert ends == [2, 3, 5, 5]
+
+
+def test_grouped_decode_steps_equal_the_adapters_alone(causal, tiny_llama_dir, monkeypatch):
+    """The grouped path (two grouped GEMMs over rows sorted by bank slot; on by default on CUDA
+    after a self-check) forced on here, through bucketed replays: rows join and leave, so the
+    sort order and offsets are refreshed between steps; every output equals its adapter alone."""
+    from adaptory.adapters.serving.lora_bank import grouped_self_check
+
+    monkeypatch.setenv("ADAPTORY_GROUPED_LORA", "force")
+    _, folders, runtime = causal
+    assert grouped_self_check(torch.device("cpu"), torch.float32, 4)
+    batch = DecodeBatch(runtime, keep_logits=True, slots=8, length=64)
+    batch.runner = ReplayedSteps(batch)
+    rows = batch.add_many(
+        requests(("lora-b", 1, 6), ("lora-a", 0, 3), (None, 2, 7), ("lora-b", 3, 5))
+    )
+    batch.step()
+    assert runtime._bank.grouped_usable() and batch._groups_key is not None
+    rows += batch.add_many(requests(("pfx", 0, 4), ("lora-a", 2, 6)))
+    while batch.active:
+        batch.step()
+    assert_alone(tiny_llama_dir, folders, rows)
+
+
+def test_the_grouped_path_stays_off_where_it_was_not_asked_for(causal, monkeypatch):
+    _, _, runtime = causal
+    from adaptory.adapters.serving.lora_bank import grouped_self_check
+
+    monkeypatch.delenv("ADAPTORY_GROUPED_LORA", raising=False)
+    stack = next(iter(runtime._bank._stacks.values()))
+    on_cuda = stack.a.device.type == "cuda"
+    expected = on_cuda and grouped_self_check(stack.a.device, stack.a.dtype, stack.a.shape[1])
+    assert runtime._bank.grouped_usable() == expected  # the CPU keeps the gather path
+    monkeypatch.setenv("ADAPTORY_GROUPED_LORA", "0")
+    assert not runtime._bank.grouped_usable()
