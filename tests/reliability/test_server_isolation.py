@@ -386,6 +386,7 @@ def test_a_row_that_breaks_mid_stream_gets_an_error_event_then_done(live, setup,
                 slot = rt._bank.slots["lora-c:1"]
                 for stack in rt._bank._stacks.values():
                     stack.b[slot].fill_(float("nan"))
+                rt._bank._kept = None  # the gathered copies decode keeps are that memory too
             rest = _sse_lines(lines)
     finally:
         thread.join(60)
@@ -412,13 +413,27 @@ def _sse_lines(lines) -> list:
 # --- classification floods ----------------------------------------------------------------------
 
 
-def test_a_classify_flood_does_not_hold_up_a_one_text_request(live, setup, tiny_bert_dir):
+def test_a_classify_flood_does_not_hold_up_a_one_text_request(
+    live, setup, tiny_bert_dir, monkeypatch
+):
     """200 texts used to run as one padded pass while another client's one-text request waited
-    for all of it; now the flood runs in chunks of 8 and the small request passes between."""
-    url, client, _ = live
+    for all of it; now the flood runs in chunks of 8 and the small request passes between.
+
+    The worker is held inside the flood's first chunk until the small request is queued, so the
+    order does not depend on how fast this machine drains the flood."""
+    url, client, app = live
     _, runtimes = setup
     rt = runtimes[str(tiny_bert_dir)]
     base = str(tiny_bert_dir)
+    scheduler = app.state.schedulers[base]
+    gate = threading.Event()
+    real = rt.classify_mixed
+
+    def held(rows):
+        gate.wait(60)
+        return real(rows)
+
+    monkeypatch.setattr(rt, "classify_mixed", held)
     words = "great product terrible quality the box was broken my order arrived late".split()
     flood = [
         " ".join(words[(i * 3 + j) % len(words)] for j in range(8 + i % 30)) for i in range(200)
@@ -437,8 +452,13 @@ def test_a_classify_flood_does_not_hold_up_a_one_text_request(live, setup, tiny_
             lambda: _gauge(client, "adaptory_queued_classify_texts", base) >= 100,
             "the flood was never queued in chunks",
         )
-        classify("one", ["the battery lasts all day"])
+        small = threading.Thread(target=classify, args=("one", ["the battery lasts all day"]))
+        small.start()
+        _wait_until(lambda: scheduler.inbox.qsize() >= 1, "the small request never arrived")
+        gate.set()
+        small.join(120)
     finally:
+        gate.set()
         big.join(120)
     assert finished == ["one", "flood"]
     for name, texts in (("one", ["the battery lasts all day"]), ("flood", flood)):
@@ -511,10 +531,15 @@ def test_a_stream_that_disconnects_before_its_first_token_is_cancelled(one_row):
     scheduler = app.state.schedulers[base]
     cancelled = _gauge(client, "adaptory_cancelled_requests_total", base)
     gone = _answered(client, 499)
+    admitted = scheduler.admitted + 1  # the running one; counted just after its row is active
     running = _open_request(url, _endless(base))
     try:
-        _wait_until(lambda: _gauge(client, "adaptory_active_rows", base) == 1, "never admitted")
-        admitted = scheduler.admitted
+        _wait_until(
+            lambda: (
+                _gauge(client, "adaptory_active_rows", base) == 1 and scheduler.admitted == admitted
+            ),
+            "never admitted",
+        )
         waiting = _open_request(url, _endless(base, stream=True))
         _wait_until(lambda: scheduler.inbox.qsize() == 1, "the second request never queued")
         waiting.close()
