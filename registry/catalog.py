@@ -501,13 +501,22 @@ def _rollback(conn: sqlite3.Connection) -> None:
 
 
 def _is_corruption(exc: BaseException) -> bool:
-    """sqlite3 raises DatabaseError for corrupt files ("malformed", "not a database") and
-    OperationalError for busy/locked/IO trouble; only the first is damage, as is text that is
-    not UTF-8 (UnicodeDecodeError while fetching a TEXT column)."""
+    """sqlite3 raises a bare DatabaseError for corrupt files ("malformed", "not a database"),
+    OperationalError for busy/locked/IO trouble and IntegrityError for a broken constraint (a
+    caller's mistake, not a damaged file); only the first is damage, as is text that is not
+    UTF-8 (UnicodeDecodeError while fetching a TEXT column)."""
     text = str(exc).lower()
-    return not isinstance(exc, sqlite3.OperationalError) or any(
+    return not isinstance(exc, _NOT_DAMAGE) or any(
         word in text for word in ("malformed", "not a database", "corrupt")
     )
+
+
+_NOT_DAMAGE = (
+    sqlite3.OperationalError,
+    sqlite3.IntegrityError,
+    sqlite3.ProgrammingError,
+    sqlite3.InterfaceError,
+)
 
 
 def row_to_entry(row: sqlite3.Row, tags: list[str]) -> Entry:

@@ -76,10 +76,15 @@ def remove_tree(path: Path) -> None:
     """Delete a folder even when its files are read-only (blob files are stored 0444)."""
 
     def make_writable_and_retry(func, target, _exc_info):
+        if os.path.islink(target):  # never chmod through a link: that changes its target
+            os.unlink(target)
+            return
         os.chmod(target, stat.S_IWUSR | stat.S_IRUSR | stat.S_IXUSR)
         func(target)
 
-    if path.exists() or path.is_symlink():
+    if path.is_symlink():  # a link (dangling or not) in place of a folder: remove the link only
+        path.unlink()
+    elif path.exists():
         shutil.rmtree(path, onerror=make_writable_and_retry)
 
 
