@@ -81,16 +81,9 @@ def export_merged(
     """Merge `ref`'s LoRA into its base and save a standalone transformers model in `out`."""
     import gc
 
-    import torch
-
     from adaptory.adapters.merging import compare
 
-    if dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype '{dtype}'", hint=f"choose one of {DTYPES}")
-    if from_weights not in FROM_WEIGHTS:
-        raise ConfigError(
-            f"unknown --from-weights '{from_weights}'", hint=f"choose one of {FROM_WEIGHTS}"
-        )
+    _check_export_options(dtype, from_weights)
     entry = ref if hasattr(ref, "digest") else registry.resolve(ref)
     _check_lora(
         entry,
@@ -110,38 +103,17 @@ def export_merged(
     data = compare.eval_file(entry)
     metrics: dict = {}
     if data:
-        metrics = {
-            "data": str(data),
-            "adapter_on_quantized_base": compare.score_on_file(
-                adapted, tokenizer, entry, data, limit=eval_limit
-            ),
-        }
+        score = compare.score_on_file(adapted, tokenizer, entry, data, limit=eval_limit)
+        metrics = {"data": str(data), "adapter_on_quantized_base": score}
     del adapted, loaded
     gc.collect()
 
     # 2. the unquantized base with the adapter, then the round trip and the merge
     plain, _ = compare.load_entry_model(registry, entry, quant="none", device=device)
     on_original = compare.prompt_logits(plain, tokenizer, prompts)
-    used, note = "original", None
-    if from_weights == "nf4-roundtrip":
-        if quant in ROUND_TRIP_QUANTS and specs:
-            round_trip_base(plain, specs)
-            used = f"{quant}-roundtrip"
-        else:
-            note = (
-                f"{entry.ref} was trained on a {quant} base: no 4-bit round trip applies, "
-                "merged into the original weights"
-            )
-    merged = plain.merge_and_unload()
-    merged.to(getattr(torch, dtype))
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        merged.save_pretrained(str(out), safe_serialization=True)
-        tokenizer.save_pretrained(str(out))
-        readable_by_all(out)
-    except OSError as exc:
-        raise StorageError(f"writing {out} failed: {exc.strerror or exc}") from exc
-    del merged, plain
+    used, note = _round_trip(plain, specs, quant, from_weights, entry)
+    _save_merged(plain.merge_and_unload(), tokenizer, out, dtype)
+    del plain
     gc.collect()
 
     # 3. verify what was written, loaded the way a user would (transformers only)
@@ -169,13 +141,58 @@ def export_merged(
         metrics=metrics,
         note=note,
     )
+    _note_export(registry, entry, result, record=record)
+    return result
+
+
+def _check_export_options(dtype: str, from_weights: str) -> None:
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype '{dtype}'", hint=f"choose one of {DTYPES}")
+    if from_weights not in FROM_WEIGHTS:
+        raise ConfigError(
+            f"unknown --from-weights '{from_weights}'", hint=f"choose one of {FROM_WEIGHTS}"
+        )
+
+
+def _round_trip(plain, specs, quant: str, from_weights: str, entry) -> tuple[str, str | None]:
+    """Give the unquantized base the 4-bit round trip training saw, when asked and possible.
+    Returns the weights the merge goes into, and a note when the round trip does not apply."""
+    if from_weights != "nf4-roundtrip":
+        return "original", None
+    if quant in ROUND_TRIP_QUANTS and specs:
+        round_trip_base(plain, specs)
+        return f"{quant}-roundtrip", None
+    return "original", (
+        f"{entry.ref} was trained on a {quant} base: no 4-bit round trip applies, "
+        "merged into the original weights"
+    )
+
+
+def _save_merged(merged, tokenizer, out: Path, dtype: str) -> None:
+    """The merged model in `dtype` and its tokenizer, as safetensors readable by everyone."""
+    import torch
+
+    merged.to(getattr(torch, dtype))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        merged.save_pretrained(str(out), safe_serialization=True)
+        tokenizer.save_pretrained(str(out))
+        readable_by_all(out)
+    except OSError as exc:
+        raise StorageError(f"writing {out} failed: {exc.strerror or exc}") from exc
+
+
+def _note_export(registry, entry, result: MergedExport, *, record: bool) -> None:
+    """Describe the export in its folder (EXPORT_INFO) and, with `record`, in the entry's
+    extra["merged_exports"]."""
     info = {"adapter": entry.ref, "digest": entry.digest, "base_model": entry.base_model}
-    (out / EXPORT_INFO).write_text(json.dumps({**info, **result.to_dict()}, indent=2) + "\n")
+    (result.path / EXPORT_INFO).write_text(
+        json.dumps({**info, **result.to_dict()}, indent=2) + "\n"
+    )
     if record:
         done = {**result.to_dict(), "at": datetime.now(UTC).isoformat(timespec="seconds")}
         history = list((entry.extra or {}).get("merged_exports") or [])
         registry.update(entry, extra={"merged_exports": [*history, done]})
-    return result
 
 
 def readable_by_all(folder: Path) -> None:

@@ -491,17 +491,18 @@ def measure_fidelity(model, parents: list[str], weights: Sequence[float], merged
 
 
 def _finish_folder(registry, folder: Path, parents: Sequence, weights: Sequence[float]) -> None:
-    """Tidy PEFT's saved config and give a merged classifier the weighted mean of the heads."""
+    """Tidy PEFT's saved config (canonical, as training writes it) and give a merged classifier
+    the weighted mean of the heads."""
     from safetensors.torch import load_file, save_file
+
+    from adaptory.adapters.training.loop import canonical_adapter_config
 
     config_path = folder / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    if config.get("modules_to_save"):  # PEFT concatenates the parents' lists
-        config["modules_to_save"] = list(dict.fromkeys(config["modules_to_save"]))
     config["base_model_name_or_path"] = parents[0].peft_config.get(
         "base_model_name_or_path", config.get("base_model_name_or_path")
     )
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    config_path.write_text(canonical_adapter_config(config))
     (folder / "README.md").unlink(missing_ok=True)
     if parents[0].task != "seq-cls":
         return

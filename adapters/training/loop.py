@@ -5,7 +5,7 @@ registry.
 CLI over it and `accelerate launch` runs the same loop on several devices. With a seed the run is
 reproducible on the CPU (identical adapter bytes), and a run resumed from a checkpoint ends with
 the same adapter as an uninterrupted one: batches come from a per-epoch seeded permutation, and a
-checkpoint holds the adapter, optimizer, scheduler, RNG state and step.
+checkpoint (checkpoints.py) holds the adapter, optimizer, scheduler, RNG state and step.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import random
 import resource
 import shutil
@@ -32,12 +31,27 @@ from typing import Any
 from adaptory.adapters.bases.loading import QUANTS, TASKS
 from adaptory.adapters.bases.quantize import keep_4bit_trainable
 from adaptory.adapters.methods import get_method
-from adaptory.registry.errors import AdaptoryError, ConfigError, IntegrityError
+from adaptory.adapters.training.checkpoints import (
+    find_run,
+    load_checkpoint,
+    mark_finished,
+    rng_state,
+    runs_dir,
+    save_checkpoint,
+)
+from adaptory.registry.errors import AdaptoryError, ConfigError
 
 SCHEDULES = ("cosine", "linear", "constant")
 # Exact match needs one forward pass per generated token: cap the rows it runs on.
 EXACT_MATCH_ROWS = 50
 PATH_FIELDS = ("data", "eval_data", "output_dir")
+# Module-name lists of a PEFT config that PEFT matches as sets: their order means nothing.
+UNORDERED_CONFIG_LISTS = (
+    "target_modules",
+    "exclude_modules",
+    "feedforward_modules",
+    "modules_to_save",
+)
 
 
 class TrainingInterrupted(AdaptoryError):
@@ -153,6 +167,21 @@ class TrainConfig:
     def learning_rate(self, task: str) -> float:
         return self.lr if self.lr is not None else get_method(self.method).lr_for(task)
 
+    def warmup_steps(self, total_steps: int) -> int:
+        return int(self.warmup * total_steps) if self.warmup < 1 else int(self.warmup)
+
+    def as_used(self, task: str, fmt: str, total_steps: int) -> dict[str, Any]:
+        """Every setting as the run used it (the registry's training_config): the defaults that
+        depend on the data resolved, and the step counts."""
+        return {
+            **self.to_dict(),
+            "task": task,
+            "format": fmt,
+            "lr": self.learning_rate(task),
+            "warmup_steps": self.warmup_steps(total_steps),
+            "total_steps": total_steps,
+        }
+
     @property
     def held_out_fraction(self) -> float:
         if self.eval_data:
@@ -213,6 +242,9 @@ def _positive(name: str, value) -> None:
 
 @dataclass
 class TrainResult:
+    """What a run ended with: its registry entry (None on other processes than the main one),
+    final metrics, run folder and loss history."""
+
     entry: Any  # registry Entry
     metrics: dict
     run_dir: Path
@@ -222,212 +254,7 @@ class TrainResult:
     stopped_early: bool = False
 
 
-# --- run directory & checkpoints ---------------------------------------------------------------
-
-
-def runs_dir(home: Path) -> Path:
-    return Path(home) / "runs"
-
-
-def find_run(home: Path, resume: str) -> Path:
-    """The run folder to resume: a path or run name, or ("") the latest interrupted run."""
-    if resume:
-        run = Path(resume).expanduser()
-        if not run.is_dir():
-            candidate = runs_dir(home) / resume
-            run = candidate if candidate.is_dir() else run
-    else:
-        runs = sorted(
-            (
-                p
-                for p in runs_dir(home).glob("*")
-                if (p / "config.json").is_file() and not (p / "result.json").is_file()
-            ),
-            key=lambda p: p.stat().st_mtime,
-        )
-        runs = [p for p in runs if any((p / name).is_dir() for name in CHECKPOINT_FOLDERS)]
-        if not runs:
-            raise ConfigError(f"no interrupted runs to resume in {runs_dir(home)}")
-        run = runs[-1]
-    if not (run / "config.json").is_file():
-        raise ConfigError(f"{run} is not a training run folder (no config.json)")
-    if (run / "result.json").is_file():
-        ref = json.loads((run / "result.json").read_text()).get("ref")
-        raise ConfigError(f"run {run.name} already finished (registered as {ref})")
-    find_checkpoint(run)  # refuses now, with the reason, if no usable checkpoint is there
-    return run
-
-
-# A checkpoint is written into checkpoint.tmp, then checkpoint -> checkpoint.old and
-# checkpoint.tmp -> checkpoint; a kill between those renames leaves two complete copies.
-CHECKPOINT_FOLDERS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")
-CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt")
-
-
-def _write_synced(path: Path, write) -> dict:
-    """Write a file with `write(path)`, fsync it, and return its size and sha256."""
-    import hashlib
-
-    write(path)
-    digest = hashlib.sha256()
-    with open(path, "rb+") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-        os.fsync(fh.fileno())
-    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_checkpoint(
-    run_dir: Path, *, model, optimizer, scheduler, rng: dict, state: dict, best: dict | None
-) -> None:
-    """Replace run_dir/checkpoint atomically and durably: every file fsynced, state.json (with
-    each file's size and sha256) written last, folders renamed, the run folder fsynced."""
-    import torch
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    tmp = run_dir / "checkpoint.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weights = {
-        k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()
-    }
-    files = {
-        "adapter_model.safetensors": _write_synced(
-            tmp / "adapter_model.safetensors", lambda p: save_file(weights, str(p))
-        ),
-        "optimizer.pt": _write_synced(
-            tmp / "optimizer.pt", lambda p: torch.save(optimizer.state_dict(), p)
-        ),
-        "scheduler.pt": _write_synced(
-            tmp / "scheduler.pt", lambda p: torch.save(scheduler.state_dict(), p)
-        ),
-        "rng.pt": _write_synced(tmp / "rng.pt", lambda p: torch.save(rng, p)),
-    }
-    if best is not None:
-        files["best_adapter.safetensors"] = _write_synced(
-            tmp / "best_adapter.safetensors", lambda p: save_file(best, str(p))
-        )
-    _write_synced(
-        tmp / "state.json", lambda p: p.write_text(json.dumps({**state, "files": files}, indent=1))
-    )
-    _fsync_dir(tmp)
-    final, old = run_dir / "checkpoint", run_dir / "checkpoint.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    _fsync_dir(run_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why a checkpoint folder cannot be resumed from (None if it is complete and intact)."""
-    import hashlib
-
-    try:
-        state = json.loads((folder / "state.json").read_text())
-    except FileNotFoundError:
-        return "no state.json (incomplete)"
-    except (OSError, ValueError) as exc:
-        return f"state.json is unreadable ({exc})"
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        return "state.json has no step"
-    files = state.get("files")
-    if not isinstance(files, dict):  # written before checkpoints recorded their files
-        missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
-        return f"{missing[0]} is missing" if missing else None
-    for name, record in sorted(files.items()):
-        path = folder / name
-        try:
-            size = path.stat().st_size
-        except OSError:
-            return f"{name} is missing"
-        if size != record.get("size"):
-            return f"{name} is truncated or altered ({size} of {record.get('size')} bytes)"
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        if digest.hexdigest() != record.get("sha256"):
-            return f"{name} is altered (sha256 differs)"
-    return None
-
-
-def find_checkpoint(run_dir: Path) -> Path:
-    """The run's newest intact checkpoint folder (see CHECKPOINT_FOLDERS); IntegrityError naming
-    what is wrong with each copy when none is usable."""
-    usable, problems = [], []
-    for name in CHECKPOINT_FOLDERS:
-        folder = run_dir / name
-        if not folder.is_dir():
-            continue
-        problem = checkpoint_problem(folder)
-        if problem is None:
-            usable.append((json.loads((folder / "state.json").read_text())["step"], folder))
-        else:
-            problems.append(f"{name}/{problem}")
-    if usable:
-        return max(usable, key=lambda item: item[0])[1]
-    if not problems:
-        raise ConfigError(f"{run_dir} has no checkpoint to resume from")
-    raise IntegrityError(
-        f"{run_dir} has no usable checkpoint: {'; '.join(problems)}",
-        hint="start the run again without --resume",
-    )
-
-
-def load_checkpoint(run_dir: Path, *, model, optimizer, scheduler) -> tuple[dict, dict | None]:
-    """Restore adapter, optimizer, scheduler and RNG from the newest intact checkpoint; return
-    (state, best adapter weights)."""
-    import torch
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    ckpt = find_checkpoint(run_dir)
-    try:
-        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-        set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
-        best_file = ckpt / "best_adapter.safetensors"
-        best = load_file(str(best_file)) if best_file.is_file() else None
-        state = json.loads((ckpt / "state.json").read_text())
-    except (OSError, RuntimeError, ValueError, KeyError, EOFError) as exc:
-        raise IntegrityError(
-            f"{ckpt} cannot be restored ({type(exc).__name__}: {str(exc)[:200]})",
-            hint="start the run again without --resume",
-        ) from exc
-    state.pop("files", None)
-    return state, best
-
-
-def rng_state() -> dict:
-    import torch
-
-    state = {"torch": torch.get_rng_state(), "python": repr(random.getstate())}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    import ast
-
-    import torch
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(ast.literal_eval(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+# --- threads, determinism, seeds ---------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -449,6 +276,20 @@ def cpu_threads(n: int | None, device: str):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """Run with torch's deterministic algorithms (a warning where an op has none), as seeded
+    runs promise identical adapters; the previous setting comes back afterwards."""
+    import torch
+
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def seed_everything(seed: int) -> None:
@@ -516,6 +357,19 @@ def loss_targets(batch: dict, task: str, *, shifted: bool = True) -> int:
     return int((labels[:, 1:] if shifted else labels).ne(IGNORE).sum())
 
 
+def make_optimizer(model, config: TrainConfig, task: str, total_steps: int):
+    """AdamW over the trainable (adapter) parameters, and its learning-rate schedule."""
+    import torch
+
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.learning_rate(task),
+        weight_decay=config.weight_decay,
+    )
+    warmup_steps = config.warmup_steps(total_steps)
+    return optimizer, make_scheduler(optimizer, config.schedule, warmup_steps, total_steps)
+
+
 def make_scheduler(optimizer, schedule: str, warmup_steps: int, total_steps: int):
     from torch.optim.lr_scheduler import LambdaLR
 
@@ -564,11 +418,98 @@ class StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def load_training_data(config: TrainConfig, tokenizer, task: str, tokenizer_fp: str):
-    """(train, eval or None): the data file, and the eval file or a seeded held-out split.
-    Every row of both is validated here, before the model is even loaded."""
+# --- the state of a run -------------------------------------------------------------------------
+
+
+@dataclass
+class RunState:
+    """Where a run stands: what a checkpoint saves besides the weights (state.json), and what the
+    registry entry reports about the training."""
+
+    step: int = 0
+    loss_history: list[dict] = field(default_factory=list)
+    stale: int = 0  # evaluations since the eval loss last improved
+    best_loss: float = math.inf
+    best: dict | None = None  # the best adapter's weights, kept for early stopping
+    base_metrics: dict = field(default_factory=dict)
+    tokens: int = 0
+    train_time_s: float = 0.0
+    stopped_early: bool = False
+
+    @classmethod
+    def restored(cls, state: dict, best: dict | None) -> RunState:
+        """The state a checkpoint saved (see `saved`)."""
+        return cls(
+            step=state["step"],
+            loss_history=state["loss_history"],
+            stale=state["stale"],
+            best_loss=state["best_loss"],
+            best=best,
+            base_metrics=state["base_metrics"],
+            tokens=state["tokens"],
+            train_time_s=state["train_time_s"],
+        )
+
+    def saved(self, total_steps: int, dataset_fingerprint: str) -> dict:
+        """state.json of a checkpoint taken now."""
+        return {
+            "step": self.step,
+            "total_steps": total_steps,
+            "loss_history": self.loss_history,
+            "stale": self.stale,
+            "best_loss": self.best_loss,
+            "base_metrics": self.base_metrics,
+            "dataset_fingerprint": dataset_fingerprint,
+            "tokens": self.tokens,
+            "train_time_s": self.train_time_s,
+        }
+
+    def record_step(self, loss: float, lr: float, tokens: int, seconds: float) -> None:
+        """Count a finished optimizer step and add it to the loss history."""
+        self.step += 1
+        self.train_time_s += seconds
+        self.tokens += tokens
+        self.loss_history.append({"step": self.step, "loss": round(loss, 6), "lr": lr})
+
+    def train_losses(self) -> list[float]:
+        return [h["loss"] for h in self.loss_history if "loss" in h]
+
+
+# --- set-up -------------------------------------------------------------------------------------
+
+
+def resumed_config(config: TrainConfig, home: Path) -> tuple[TrainConfig, Path | None]:
+    """With --resume, the run folder and the config the run started with (it wins over any other
+    settings); without, the config as given and no folder yet."""
+    if config.resume is None:
+        return config, None
+    run_dir = find_run(home, config.resume)
+    stored = json.loads((run_dir / "config.json").read_text())
+    return TrainConfig(**{**stored, "resume": None}), run_dir
+
+
+def method_and_task(config: TrainConfig):
+    """The adapter method and the task (from --task or the data's columns), checked to fit."""
+    from adaptory.adapters.training.data import peek_format
+
+    _, task = peek_format(Path(config.data), config.format, config.task)
+    method = get_method(config.method)
+    if task not in method.tasks:
+        raise ConfigError(
+            f"method '{method.name}' does not support task {task}",
+            hint=f"'{method.name}' supports {', '.join(method.tasks)}",
+        )
+    return method, task
+
+
+def load_training_data(config: TrainConfig, source, task: str):
+    """(train, eval or None): the data file, and the eval file or a seeded held-out split,
+    tokenized for base `source`. Every row of both is validated here, before the model loads."""
+    from adaptory.adapters.bases.loading import fingerprint_base, load_tokenizer
     from adaptory.adapters.training.data import load_dataset, split_dataset
 
+    tokenizer_fp = fingerprint_base(source, config.quant).tokenizer
+    tokenizer = load_tokenizer(source.path, task)
     data = load_dataset(
         Path(config.data),
         tokenizer=tokenizer,
@@ -591,6 +532,225 @@ def load_training_data(config: TrainConfig, tokenizer, task: str, tokenizer_fp: 
     if config.held_out_fraction > 0:
         return split_dataset(data, config.held_out_fraction, config.seed)
     return data, None
+
+
+def new_run_dir(config: TrainConfig, home: Path) -> Path:
+    """A fresh run folder (--output-dir, or HOME/runs/NAME-TIME) holding the run's config.json."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    run_dir = (
+        Path(config.output_dir) if config.output_dir else runs_dir(home) / f"{config.name}-{stamp}"
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    return run_dir
+
+
+def load_model(config: TrainConfig, method, task: str, labels, base_eval, home: Path):
+    """(the quantized base, the model to train, the base's metrics): the base loaded as the run
+    says, measured on `base_eval` (the eval data, or None), then given the adapter."""
+    from adaptory.adapters.bases.loading import load_base
+    from adaptory.adapters.training.evaluate import evaluate_model
+
+    base = load_base(config.base, task=task, quant=config.quant, device=config.device,
+                     labels=labels, seed=config.seed, home=home)  # fmt: skip
+    keep_4bit_trainable(base.model)
+    peft_config = method.to_peft_config(method.spec_from(config), task, base.model, config.quant)
+    base_metrics: dict = {}
+    if base_eval is not None:
+        base_metrics = evaluate_model(
+            base.model, base.tokenizer, task, base_eval, limit=EXACT_MATCH_ROWS
+        )
+    return base, add_adapter(base.model, peft_config, config), base_metrics
+
+
+def add_adapter(model, peft_config, config: TrainConfig):
+    """The base prepared for training (k-bit, gradient checkpointing) and wrapped by PEFT, the
+    adapter initialised from the run's seed."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if config.quant != "none":
+        # Freezes the base and upcasts non-quantized weights to fp32 (a no-op on the CPU).
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=config.grad_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif config.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    seed_everything(config.seed)
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as exc:  # PEFT's NoMatchingPeftModuleError and its other config checks
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if hasattr(m, "in_features")})  # fmt: skip
+        raise ConfigError(
+            f"{config.method} cannot be applied to {config.base}: {exc}",
+            hint=f"this base's linear layers: {', '.join(linear)}",
+        ) from None
+
+
+def resume_state(run_dir: Path, config: TrainConfig, dataset, model, optimizer, scheduler):
+    """Restore the newest intact checkpoint of `run_dir` into the model, optimizer, scheduler and
+    RNG; return the run's state. The data must be what the run started with."""
+    state, best = load_checkpoint(run_dir, model=model, optimizer=optimizer, scheduler=scheduler)
+    if state["dataset_fingerprint"] != dataset.fingerprint:
+        raise ConfigError(
+            f"{config.data} changed since run {run_dir.name} started", hint="start a new run"
+        )
+    return RunState.restored(state, best)
+
+
+# --- the steps of the loop ----------------------------------------------------------------------
+
+
+def step_batches(dataset, rows: list[list[int]], pad: int, task: str, shifted: bool):
+    """The collated micro-batches of one optimizer step and how many targets each holds."""
+    from adaptory.adapters.training.data import collate
+
+    micro = [collate([dataset.examples[i] for i in r], pad_id=pad, task=task) for r in rows]
+    return micro, [loss_targets(batch, task, shifted=shifted) for batch in micro]
+
+
+def optimizer_step(
+    model, micro: list[dict], targets: list[int], accelerator, optimizer, scheduler, clip
+) -> tuple[float, int, float]:
+    """Forward and backward every micro-batch, then clip, step and advance the schedule; return
+    (the step's loss, its tokens, the learning rate it used).
+
+    Each micro-batch's mean loss weighs by its share of the step's targets, so the step's loss is
+    the mean over all of them, as one batch of the same rows gives. `clip` is (the trainable
+    parameters, max norm), or None.
+    """
+    total, last = sum(targets), len(micro) - 1
+    step_loss, step_tokens = 0.0, 0
+    for j, batch in enumerate(micro):
+        step_tokens += int(batch["attention_mask"].sum())  # on the CPU: no device sync
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.no_sync(model) if j < last else contextlib.nullcontext():
+            out = model(**batch)
+            if targets[j]:
+                loss = out.loss * (targets[j] / total)
+            else:  # rows cut to no targets: mean over none is NaN; add nothing
+                loss = out.logits.sum() * 0.0  # still backward, for DDP's sync
+            accelerator.backward(loss)
+        step_loss += float(loss.detach())
+    if clip is not None:
+        accelerator.clip_grad_norm_(*clip)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, step_tokens, lr
+
+
+def evaluate_step(model, tokenizer, task: str, dataset, state: RunState, *, keep_best: bool):
+    """Evaluate the adapter now: the point joins the loss history, the best eval loss (and with
+    `keep_best` the best adapter's weights) is kept, and evaluations without progress counted."""
+    from peft import get_peft_model_state_dict
+
+    from adaptory.adapters.training.evaluate import evaluate_model
+
+    point = evaluate_model(model, tokenizer, task, dataset, generate=False)
+    state.loss_history.append(
+        {"step": state.step, **{k: v for k, v in point.items() if isinstance(v, float)}}
+    )
+    if point["eval_loss"] < state.best_loss - 1e-6:
+        state.best_loss, state.stale = point["eval_loss"], 0
+        if keep_best:
+            state.best = {
+                k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()
+            }
+    else:
+        state.stale += 1
+
+
+# --- after the loop -----------------------------------------------------------------------------
+
+
+def final_metrics(model, tokenizer, task: str, dataset, state: RunState) -> dict:
+    """The adapter's metrics on the eval data (on the best adapter when early stopping kept
+    one), next to the base's, and the last training loss."""
+    from adaptory.adapters.training.evaluate import evaluate_model
+
+    if state.best is not None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, state.best)
+    metrics: dict = {}
+    if dataset is not None:
+        metrics = evaluate_model(model, tokenizer, task, dataset, limit=EXACT_MATCH_ROWS)
+        metrics["base"] = state.base_metrics
+    losses = state.train_losses()
+    metrics["train_loss"] = losses[-1] if losses else None
+    return metrics
+
+
+def save_adapter(model, folder: Path, base_model: str) -> Path:
+    """The adapter as a PEFT folder naming `base_model`, its config canonical."""
+    shutil.rmtree(folder, ignore_errors=True)
+    model.save_pretrained(str(folder))
+    cfg_file = folder / "adapter_config.json"
+    peft_cfg = json.loads(cfg_file.read_text())
+    peft_cfg["base_model_name_or_path"] = base_model
+    cfg_file.write_text(canonical_adapter_config(peft_cfg))
+    return folder
+
+
+def canonical_adapter_config(config: dict) -> str:
+    """adapter_config.json text that depends only on the settings, so that identical weights and
+    settings give identical files and digests: keys sorted, and the name lists whose order PEFT
+    ignores sorted without repeats (PEFT keeps target_modules and the like as sets and saves them
+    in set order, which changes from one process to the next with Python's string hashing; it
+    appends its own head names to modules_to_save, and a merge concatenates the parents')."""
+    config = dict(config)
+    for key in UNORDERED_CONFIG_LISTS:
+        names = config.get(key)
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            config[key] = sorted(set(names))
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def dataset_record(config: TrainConfig, train, held_out) -> dict:
+    """What the registry keeps about the data: files, format, fingerprint, sizes."""
+    from adaptory.adapters.training.data import source_label
+
+    dataset = {
+        "file": source_label(config.data),
+        "format": train.format,
+        "fingerprint": train.fingerprint,
+        "rows_train": len(train),
+        "rows_eval": len(held_out) if held_out is not None else 0,
+    }
+    if config.eval_data:
+        dataset["eval_file"] = source_label(config.eval_data)
+    else:
+        dataset["eval_split"] = config.held_out_fraction
+    return dataset
+
+
+def run_record(
+    state: RunState, wall: float, total_steps: int, trainable: int, run_dir: Path, base, labels
+) -> dict:
+    """What the registry keeps about the run (`extra`): time, memory, throughput, steps, where
+    it ran, and a classifier's label names."""
+    extra = {
+        "wall_time_s": round(wall, 3),
+        "train_time_s": round(state.train_time_s, 3),
+        "peak_memory_bytes": peak_memory_bytes(),
+        "tokens_per_s": (
+            round(state.tokens / state.train_time_s, 1) if state.train_time_s else None
+        ),
+        "trainable_params": trainable,
+        "steps": state.step,
+        "total_steps": total_steps,
+        "stopped_early": state.stopped_early,
+        "run_dir": str(run_dir),
+        "device": base.device,
+    }
+    if labels:
+        extra["labels"] = labels
+    return extra
 
 
 # --- the recipe ---------------------------------------------------------------------------------
@@ -616,346 +776,128 @@ def train_adapter(
 
 
 def _train(config: TrainConfig, *, registry, show_progress: bool, on_step) -> TrainResult:
-    import torch
+    """The recipe as one function on purpose, read top to bottom like nanoGPT's train.py: set-up
+    (data, model, optimizer and schedule, resume), the loop (step, evaluate, checkpoint, stop),
+    then the final evaluation and the registry entry. Each step is a named helper above."""
     from accelerate import Accelerator
-    from peft import get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training
 
-    from adaptory.adapters.bases.loading import (
-        fingerprint_base,
-        load_base,
-        load_tokenizer,
-        quiet_transformers,
-        resolve_base,
-    )
-    from adaptory.adapters.training.data import collate, peek_format
-    from adaptory.adapters.training.evaluate import evaluate_model
+    from adaptory.adapters.bases.loading import quiet_transformers, resolve_base
     from adaptory.adapters.training.progress import TrainProgress
 
     quiet_transformers()
     started = time.perf_counter()
     home = Path(registry.home)
 
-    # -- the run folder (fresh, or the one being resumed: its stored config wins) --
-    if config.resume is not None:
-        run_dir = find_run(home, config.resume)
-        stored = json.loads((run_dir / "config.json").read_text())
-        config = TrainConfig(**{**stored, "resume": None})
-        resuming = True
-    else:
-        resuming = False
-
-    # -- data: validated in full before the model loads --
+    # -- data: validated in full before the model loads (a resumed run keeps its stored config) --
+    config, run_dir = resumed_config(config, home)
+    resuming = run_dir is not None
     source = resolve_base(config.base, home)
-    fmt, task = peek_format(Path(config.data), config.format, config.task)
-    method = get_method(config.method)
-    if task not in method.tasks:
-        raise ConfigError(
-            f"method '{method.name}' does not support task {task}",
-            hint=f"'{method.name}' supports {', '.join(method.tasks)}",
-        )
-    tokenizer_fp = fingerprint_base(source, config.quant).tokenizer
-    train_ds, eval_ds = load_training_data(
-        config, load_tokenizer(source.path, task), task, tokenizer_fp
-    )
+    method, task = method_and_task(config)
+    train_ds, eval_ds = load_training_data(config, source, task)
+    run_dir = run_dir or new_run_dir(config, home)
 
-    if not resuming:  # only once the data is known to be good
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-        run_dir = (
-            Path(config.output_dir)
-            if config.output_dir
-            else runs_dir(home) / f"{config.name}-{stamp}"
-        )
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
-
-    # -- model: the quantized base, its metrics, then the adapter --
-    base = load_base(
-        config.base,
-        task=task,
-        quant=config.quant,
-        device=config.device,
-        labels=train_ds.labels,
-        seed=config.seed,
-        home=home,
-    )
-    keep_4bit_trainable(base.model)
+    # -- model: the quantized base, its metrics (when the run starts), then the adapter --
+    base_eval = None if resuming else eval_ds
+    base, model, base_metrics = load_model(config, method, task, train_ds.labels, base_eval, home)
     tokenizer = base.tokenizer
-    spec = method.spec_from(config)
-    peft_config = method.to_peft_config(spec, task, base.model, config.quant)
-    base_metrics: dict = {}
-    if eval_ds is not None and not resuming:
-        base_metrics = evaluate_model(base.model, tokenizer, task, eval_ds, limit=EXACT_MATCH_ROWS)
-    model = base.model
-    if config.quant != "none":
-        # Freezes the base and upcasts non-quantized weights to fp32 (a no-op on the CPU).
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=config.grad_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif config.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    seed_everything(config.seed)
-    try:
-        model = get_peft_model(model, peft_config)
-    except ValueError as exc:  # PEFT's NoMatchingPeftModuleError and its other config checks
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                         if hasattr(m, "in_features")})  # fmt: skip
-        raise ConfigError(
-            f"{config.method} cannot be applied to {config.base}: {exc}",
-            hint=f"this base's linear layers: {', '.join(linear)}",
-        ) from None
+    state = RunState(base_metrics=base_metrics)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    # -- optimizer and schedule --
+    # -- optimizer and schedule, then the checkpoint to resume from --
     accelerator = Accelerator(cpu=base.device == "cpu")
-    plan = BatchPlan(
-        len(train_ds),
-        batch_size=config.batch_size,
-        grad_accum=config.grad_accum,
-        seed=config.seed,
-        processes=accelerator.num_processes,
-        rank=accelerator.process_index,
-    )
+    plan = BatchPlan(len(train_ds), batch_size=config.batch_size, grad_accum=config.grad_accum,
+                     seed=config.seed, processes=accelerator.num_processes,
+                     rank=accelerator.process_index)  # fmt: skip
     total_steps = config.max_steps or config.epochs * plan.steps_per_epoch
-    warmup_steps = int(config.warmup * total_steps) if config.warmup < 1 else int(config.warmup)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=config.learning_rate(task),
-        weight_decay=config.weight_decay,
-    )
-    scheduler = make_scheduler(optimizer, config.schedule, warmup_steps, total_steps)
+    optimizer, scheduler = make_optimizer(model, config, task, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     peft_model = accelerator.unwrap_model(model)
-    eval_every = config.eval_every or plan.steps_per_epoch
-
-    step, history, best, stale = 0, [], None, 0
-    best_loss = math.inf
-    tokens_seen, train_time = 0, 0.0
     if resuming:
-        state, best = load_checkpoint(
-            run_dir, model=peft_model, optimizer=optimizer, scheduler=scheduler
-        )
-        if state["dataset_fingerprint"] != train_ds.fingerprint:
-            raise ConfigError(
-                f"{config.data} changed since run {run_dir.name} started", hint="start a new run"
-            )
-        step, history, stale = state["step"], state["loss_history"], state["stale"]
-        best_loss, base_metrics = state["best_loss"], state["base_metrics"]
-        tokens_seen, train_time = state["tokens"], state["train_time_s"]
+        state = resume_state(run_dir, config, train_ds, peft_model, optimizer, scheduler)
     else:
         seed_everything(config.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    clip = (params, config.max_grad_norm) if config.max_grad_norm else None
+    eval_every = config.eval_every or plan.steps_per_epoch
+    pad, shifted = tokenizer.pad_token_id, method.peft_type != "PROMPT_TUNING"
 
     def checkpoint(rng: dict) -> None:
+        """Save the run as it stands, to go on with RNG state `rng` (the main process writes)."""
         if accelerator.is_main_process:
-            save_checkpoint(
-                run_dir,
-                model=peft_model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                rng=rng,
-                best=best,
-                state={
-                    "step": step,
-                    "total_steps": total_steps,
-                    "loss_history": history,
-                    "stale": stale,
-                    "best_loss": best_loss,
-                    "base_metrics": base_metrics,
-                    "dataset_fingerprint": train_ds.fingerprint,
-                    "tokens": tokens_seen,
-                    "train_time_s": train_time,
-                },
-            )
+            save_checkpoint(run_dir, model=peft_model, optimizer=optimizer, scheduler=scheduler,
+                            rng=rng, best=state.best,
+                            state=state.saved(total_steps, train_ds.fingerprint))  # fmt: skip
 
-    # -- the loop --
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    stopped_early = False
-    pad = tokenizer.pad_token_id
-    shifted = method.peft_type != "PROMPT_TUNING"
+    # -- the loop: step, evaluate, checkpoint; Ctrl-C stops at a step boundary --
+    progress = TrainProgress(total_steps, enabled=show_progress and accelerator.is_main_process,
+                             start=state.step, description=config.name)  # fmt: skip
     try:
-        with (
-            StopRequest() as stop,
-            TrainProgress(
-                total_steps,
-                enabled=show_progress and accelerator.is_main_process,
-                start=step,
-                description=config.name,
-            ) as progress,
-        ):
+        with deterministic_algorithms(), StopRequest() as stop, progress:
             model.train()
-            while step < total_steps:
+            while state.step < total_steps:
                 rng = rng_state()  # the state a checkpoint taken before this step must restore
                 if stop.requested:
                     checkpoint(rng)
                     raise KeyboardInterrupt
                 t0 = time.perf_counter()
-                micro = [
-                    collate([train_ds.examples[i] for i in rows], pad_id=pad, task=task)
-                    for rows in plan.step(step)
-                ]
-                # Each micro-batch's mean loss weighs by its share of the step's targets, so the
-                # step's loss is the mean over all of them, as one batch of the same rows gives.
-                targets = [loss_targets(batch, task, shifted=shifted) for batch in micro]
-                step_loss, step_tokens = 0.0, 0
+                micro, targets = step_batches(train_ds, plan.step(state.step), pad, task, shifted)
                 try:
-                    for j, batch in enumerate(micro):
-                        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                        step_tokens += int(batch["attention_mask"].sum())
-                        sync = j == len(micro) - 1
-                        ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
-                        with ctx:
-                            out = model(**batch)
-                            if targets[j]:
-                                loss = out.loss * (targets[j] / sum(targets))
-                            else:  # rows cut to no targets: mean over none is NaN; add nothing
-                                loss = out.logits.sum() * 0.0  # still backward, for DDP's sync
-                            accelerator.backward(loss)
-                        step_loss += float(loss.detach())
-                    if config.max_grad_norm:
-                        accelerator.clip_grad_norm_(
-                            [p for p in model.parameters() if p.requires_grad], config.max_grad_norm
-                        )
-                    lr = scheduler.get_last_lr()[0]
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    loss, tokens, lr = optimizer_step(
+                        model, micro, targets, accelerator, optimizer, scheduler, clip
+                    )
                 except KeyboardInterrupt:
                     # Parameters are untouched until optimizer.step: the last finished step is
                     # a consistent checkpoint with this step's starting RNG.
                     optimizer.zero_grad(set_to_none=True)
                     checkpoint(rng)
                     raise
-                step += 1
-                train_time += time.perf_counter() - t0
-                tokens_seen += step_tokens
-                history.append({"step": step, "loss": round(step_loss, 6), "lr": lr})
-                progress.update(step, loss=step_loss, lr=lr, tokens=step_tokens)
+                state.record_step(loss, lr, tokens, time.perf_counter() - t0)
+                progress.update(state.step, loss=loss, lr=lr, tokens=tokens)
 
-                if eval_ds is not None and (step % eval_every == 0 or step == total_steps):
-                    point = evaluate_model(peft_model, tokenizer, task, eval_ds, generate=False)
-                    history.append(
-                        {"step": step, **{k: v for k, v in point.items() if isinstance(v, float)}}
-                    )
-                    if point["eval_loss"] < best_loss - 1e-6:
-                        best_loss, stale = point["eval_loss"], 0
-                        if config.early_stopping:
-                            best = {
-                                k: v.detach().cpu().clone()
-                                for k, v in get_peft_model_state_dict(peft_model).items()
-                            }
-                    else:
-                        stale += 1
-                    if config.early_stopping and stale >= config.early_stopping:
-                        stopped_early = True
+                if eval_ds is not None and (
+                    state.step % eval_every == 0 or state.step == total_steps
+                ):
+                    evaluate_step(peft_model, tokenizer, task, eval_ds, state,
+                                  keep_best=bool(config.early_stopping))  # fmt: skip
+                    if config.early_stopping and state.stale >= config.early_stopping:
+                        state.stopped_early = True
                         progress.note(
-                            f"early stopping at step {step}: eval loss has not improved "
-                            f"for {stale} evaluations"
+                            f"early stopping at step {state.step}: eval loss has not improved "
+                            f"for {state.stale} evaluations"
                         )
                         break
-                if config.checkpoint_every and step % config.checkpoint_every == 0:
+                if config.checkpoint_every and state.step % config.checkpoint_every == 0:
                     checkpoint(rng_state())
                 if on_step is not None:
                     try:
-                        on_step(step, step_loss)
+                        on_step(state.step, loss)
                     except KeyboardInterrupt:
                         checkpoint(rng_state())
                         raise
     except KeyboardInterrupt:
         raise TrainingInterrupted(
-            f"interrupted at step {step} of {total_steps}; checkpoint saved in {run_dir}",
+            f"interrupted at step {state.step} of {total_steps}; checkpoint saved in {run_dir}",
             hint=f"resume with: adaptory train --resume {run_dir}",
         ) from None
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
 
-    # -- final evaluation (on the best adapter when early stopping kept one) --
-    if best is not None:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(peft_model, best)
-    metrics: dict = {}
-    if eval_ds is not None:
-        metrics = evaluate_model(peft_model, tokenizer, task, eval_ds, limit=EXACT_MATCH_ROWS)
-        metrics["base"] = base_metrics
-    train_losses = [h["loss"] for h in history if "loss" in h]
-    metrics["train_loss"] = train_losses[-1] if train_losses else None
-
-    # -- the adapter files, then the registry --
+    # -- final evaluation, the adapter files, then the registry --
+    metrics = final_metrics(peft_model, tokenizer, task, eval_ds, state)
     adapter_dir = run_dir / "adapter"
     if accelerator.is_main_process:
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-        peft_model.save_pretrained(str(adapter_dir))
-        cfg_file = adapter_dir / "adapter_config.json"
-        peft_cfg = json.loads(cfg_file.read_text())
-        peft_cfg["base_model_name_or_path"] = base.source.model_name
-        cfg_file.write_text(json.dumps(peft_cfg, indent=2, sort_keys=True) + "\n")
+        save_adapter(peft_model, adapter_dir, base.source.model_name)
     accelerator.wait_for_everyone()
     wall = time.perf_counter() - started
     entry = None
     if accelerator.is_main_process:
-        from adaptory.adapters.training.data import source_label
-
-        dataset = {
-            "file": source_label(config.data),
-            "format": train_ds.format,
-            "fingerprint": train_ds.fingerprint,
-            "rows_train": len(train_ds),
-            "rows_eval": len(eval_ds) if eval_ds is not None else 0,
-        }
-        if config.eval_data:
-            dataset["eval_file"] = source_label(config.eval_data)
-        else:
-            dataset["eval_split"] = config.held_out_fraction
-        extra = {
-            "wall_time_s": round(wall, 3),
-            "train_time_s": round(train_time, 3),
-            "peak_memory_bytes": peak_memory_bytes(),
-            "tokens_per_s": round(tokens_seen / train_time, 1) if train_time else None,
-            "trainable_params": trainable,
-            "steps": step,
-            "total_steps": total_steps,
-            "stopped_early": stopped_early,
-            "run_dir": str(run_dir),
-            "device": base.device,
-        }
-        if train_ds.labels:
-            extra["labels"] = train_ds.labels
-        training_config = {
-            **config.to_dict(),
-            "task": task,
-            "format": train_ds.format,
-            "lr": config.learning_rate(task),
-            "warmup_steps": warmup_steps,
-            "total_steps": total_steps,
-        }
         entry = registry.add(
-            adapter_dir,
-            name=config.name,
-            method=method.name,
-            task=task,
-            base_model=config.base,
-            base_fingerprint=base.fingerprint.to_dict(),
-            training_config=training_config,
-            dataset=dataset,
-            metrics=metrics,
-            loss_history=history,
-            parents=[],
-            tags=config.tags,
-            description=config.description,
-            extra=extra,
-        )
-        (run_dir / "result.json").write_text(
-            json.dumps({"ref": entry.ref, "metrics": metrics}, indent=1)
-        )
-    return TrainResult(
-        entry=entry,
-        metrics=metrics,
-        run_dir=run_dir,
-        loss_history=history,
-        steps=step,
-        wall_time_s=wall,
-        stopped_early=stopped_early,
-    )
+            adapter_dir, name=config.name, method=method.name, task=task, base_model=config.base,
+            base_fingerprint=base.fingerprint.to_dict(), metrics=metrics,
+            training_config=config.as_used(task, train_ds.format, total_steps),
+            dataset=dataset_record(config, train_ds, eval_ds), loss_history=state.loss_history,
+            parents=[], tags=config.tags, description=config.description,
+            extra=run_record(state, wall, total_steps, trainable, run_dir, base, train_ds.labels),
+        )  # fmt: skip
+        mark_finished(run_dir, entry.ref, metrics)
+    return TrainResult(entry=entry, metrics=metrics, run_dir=run_dir,
+                       loss_history=state.loss_history, steps=state.step, wall_time_s=wall,
+                       stopped_early=state.stopped_early)  # fmt: skip

@@ -26,6 +26,18 @@ def pack_tokens(texts: list[str], tokenizer) -> list[int]:
     return stream
 
 
+def corpus_tokens(files: list[Path], tokenizer, seq_len: int):
+    """The corpus files as one tensor of token ids; ConfigError if it cannot fill a sequence."""
+    import torch
+
+    from adaptory.adapters.bases.tiny import read_corpus
+
+    stream = torch.tensor(pack_tokens(read_corpus(files), tokenizer), dtype=torch.long)
+    if len(stream) < seq_len + 2:
+        raise ConfigError(f"the corpus has {len(stream)} tokens, fewer than seq_len {seq_len}")
+    return stream
+
+
 def pretrain_base(
     target: Path,
     *,
@@ -43,13 +55,7 @@ def pretrain_base(
     """Build, pretrain and save a base at `target`; return params, first/final loss, timing."""
     import torch
 
-    from adaptory.adapters.bases.tiny import (
-        DEFAULT_CORPUS,
-        SIZES,
-        init_base,
-        read_corpus,
-        save_base,
-    )
+    from adaptory.adapters.bases.tiny import DEFAULT_CORPUS, SIZES, init_base, save_base
     from adaptory.adapters.training.progress import TrainProgress
 
     if size not in SIZES:
@@ -59,9 +65,7 @@ def pretrain_base(
     started = time.perf_counter()
     files = list(corpus) if corpus else [DEFAULT_CORPUS]
     model, tokenizer, info = init_base(Path(target), size=size, corpus=files, seed=seed)
-    stream = torch.tensor(pack_tokens(read_corpus(files), tokenizer), dtype=torch.long)
-    if len(stream) < seq_len + 2:
-        raise ConfigError(f"the corpus has {len(stream)} tokens, fewer than seq_len {seq_len}")
+    stream = corpus_tokens(files, tokenizer, seq_len)
     # Hold out the last 5% of the stream to report a validation loss.
     split = int(len(stream) * 0.95)
     train_tokens, val_tokens = stream[:split], stream[split:]
@@ -69,39 +73,11 @@ def pretrain_base(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-        betas=(0.9, 0.95),
-    )
-    warmup_steps = max(1, int(warmup * steps))
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    losses: list[float] = []
-    history: list[dict] = []
+    optimizer, scheduler = make_optimizer(model, lr, steps, warmup, min_lr_ratio)
     with TrainProgress(steps, description="pretraining", enabled=show_progress) as progress:
-        for step in range(steps):
-            starts = torch.randint(0, len(train_tokens) - seq_len - 1, (batch_size,), generator=gen)
-            batch = torch.stack([train_tokens[s : s + seq_len] for s in starts.tolist()])
-            loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            current_lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            if step % 10 == 0 or step == steps - 1:
-                history.append({"step": step + 1, "loss": round(losses[-1], 4)})
-            progress.update(step + 1, loss=losses[-1], lr=current_lr, tokens=batch.numel())
+        losses, history = train_steps(
+            model, train_tokens, optimizer, scheduler, gen, steps, seq_len, batch_size, progress
+        )
     model.eval()
     val_loss = _validation_loss(model, val_tokens, seq_len)
     tail = losses[-min(20, len(losses)) :]
@@ -135,6 +111,55 @@ def pretrain_base(
         "wall_time_s": round(time.perf_counter() - started, 2),
         "loss_history": history,
     }
+
+
+def make_optimizer(model, lr: float, steps: int, warmup: float, min_lr_ratio: float):
+    """AdamW (weight decay on matrices only) under linear warmup, then cosine decay to
+    min_lr_ratio of the peak."""
+    import torch
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.95),
+    )
+    warmup_steps = max(1, int(warmup * steps))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_steps(
+    model, tokens, optimizer, scheduler, gen, steps: int, seq_len: int, batch_size: int, progress
+) -> tuple[list[float], list[dict]]:
+    """`steps` optimizer steps, each on batch_size windows of seq_len tokens drawn at random
+    (from `gen`); return every step's loss and the loss history kept (every 10th step)."""
+    import torch
+
+    losses: list[float] = []
+    history: list[dict] = []
+    for step in range(steps):
+        starts = torch.randint(0, len(tokens) - seq_len - 1, (batch_size,), generator=gen)
+        batch = torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        current_lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 10 == 0 or step == steps - 1:
+            history.append({"step": step + 1, "loss": round(losses[-1], 4)})
+        progress.update(step + 1, loss=losses[-1], lr=current_lr, tokens=batch.numel())
+    return losses, history
 
 
 def _validation_loss(model, tokens, seq_len: int) -> float | None:
