@@ -1,0 +1,231 @@
+"""The endpoints, one FastAPI router per group: `health_router` (/health), `metrics_router`
+(/metrics), `openai_router` (/v1/models, /v1/completions, /v1/chat/completions),
+`classify_router` (/v1/classify) and `admin_router` (/v1/adapters/load and /unload). Every
+router but health carries `auth.require_api_key` as a dependency, so it runs before a handler.
+
+Handlers reach what the app shares (settings, models, runtimes, schedulers, metrics) through the
+dependencies below, which read `request.app.state`; they read the raw body themselves
+(validation.py), after the dependencies, so a refused request is never read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from adaptory.adapters.serving import validation
+from adaptory.adapters.serving.auth import require_api_key
+from adaptory.adapters.serving.http_errors import APIError, api_error, as_api_error
+from adaptory.adapters.serving.metrics import Metrics
+from adaptory.adapters.serving.routing import Models
+from adaptory.adapters.serving.runtime import Runtime
+from adaptory.adapters.serving.scheduler import Job, Scheduler
+from adaptory.adapters.serving.settings import ServerSettings
+from adaptory.adapters.serving.streaming import Listener, generate, submit
+from adaptory.registry.errors import AdaptoryError
+
+
+async def _settings(request: Request) -> ServerSettings:
+    return request.app.state.settings
+
+
+async def _models(request: Request) -> Models:
+    return request.app.state.models
+
+
+async def _runtimes(request: Request) -> dict[str, Runtime]:
+    return request.app.state.runtimes
+
+
+async def _schedulers(request: Request) -> dict[str, Scheduler]:
+    return request.app.state.schedulers  # filled when the app starts (its lifespan)
+
+
+async def _metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+SettingsDep = Annotated[ServerSettings, Depends(_settings)]
+ModelsDep = Annotated[Models, Depends(_models)]
+RuntimesDep = Annotated[dict[str, Runtime], Depends(_runtimes)]
+SchedulersDep = Annotated[dict[str, Scheduler], Depends(_schedulers)]
+MetricsDep = Annotated[Metrics, Depends(_metrics)]
+
+
+async def require_admin(settings: SettingsDep) -> None:
+    """403 for /v1/adapters/* when the server runs with --no-admin."""
+    if not settings.admin:
+        raise APIError(403, "admin endpoints are disabled (--no-admin)", type="permission_error")
+
+
+KEY = [Depends(require_api_key)]
+health_router = APIRouter()  # the one group open without the key
+metrics_router = APIRouter(dependencies=KEY)
+openai_router = APIRouter(dependencies=KEY)
+classify_router = APIRouter(dependencies=KEY)
+admin_router = APIRouter(dependencies=[*KEY, Depends(require_admin)])
+
+
+@health_router.get("/health")
+async def health(runtimes: RuntimesDep, schedulers: SchedulersDep):
+    return {
+        "status": "ok",
+        "bases": {
+            ref: {
+                "task": rt.task,
+                "resident": rt.resident(),
+                "numerics": rt.numerics.name,
+                **schedulers[ref].describe(),
+            }
+            for ref, rt in runtimes.items()
+            if ref in schedulers
+        },
+    }
+
+
+OPEN_PATHS = frozenset(route.path for route in health_router.routes)  # never behind the key
+
+
+@metrics_router.get("/metrics", response_class=PlainTextResponse)
+async def metrics_endpoint(metrics: MetricsDep, runtimes: RuntimesDep, schedulers: SchedulersDep):
+    return PlainTextResponse(
+        metrics.render(runtimes, schedulers), media_type="text/plain; version=0.0.4"
+    )
+
+
+async def openapi_schema(request: Request) -> JSONResponse:
+    """/openapi.json, behind the key like every route but /health. FastAPI's own (switched off
+    with `openapi_url=None`) would not be; this is it otherwise: a plain route, any method."""
+    await require_api_key(request)
+    app = request.app
+    schema = app.openapi()
+    root_path = request.scope.get("root_path", "").rstrip("/")
+    if root_path and app.root_path_in_servers:
+        if root_path not in {s.get("url") for s in schema.get("servers", [])}:
+            schema = {**schema, "servers": [{"url": root_path}] + schema.get("servers", [])}
+    return JSONResponse(schema)
+
+
+# -- OpenAI: models, completions, chat --------------------------------------------------------
+
+
+@openai_router.get("/v1/models")
+async def list_models(models: ModelsDep):
+    data = await asyncio.to_thread(models.listing)
+    return {"object": "list", "data": data}
+
+
+@openai_router.post("/v1/completions")
+async def completions(
+    request: Request,
+    settings: SettingsDep,
+    models: ModelsDep,
+    schedulers: SchedulersDep,
+    metrics: MetricsDep,
+):
+    body = await validation.read_json(request)
+    prompt = validation.prompt(body)
+    rt, adapter = _generation_target(models, body)
+    ids = await asyncio.to_thread(rt.encode, prompt)
+    return await generate(
+        request, body, adapter, ids,
+        chat=False, base=rt.base_ref, settings=settings, schedulers=schedulers, metrics=metrics,
+    )  # fmt: skip
+
+
+@openai_router.post("/v1/chat/completions")
+async def chat_completions(
+    request: Request,
+    settings: SettingsDep,
+    models: ModelsDep,
+    schedulers: SchedulersDep,
+    metrics: MetricsDep,
+):
+    body = await validation.read_json(request)
+    messages = validation.messages(body.get("messages"))
+    rt, adapter = _generation_target(models, body)
+    try:
+        rendered = await asyncio.to_thread(rt.chat_prompt, messages)
+    except AdaptoryError as exc:
+        raise api_error(exc) from None
+    except Exception as exc:  # a template that rejects the conversation (roles, order)
+        raise APIError(400, f"chat template failed: {exc}", code="invalid_messages") from None
+    ids = await asyncio.to_thread(rt.encode, rendered, chat=True)
+    return await generate(
+        request, body, adapter, ids,
+        chat=True, base=rt.base_ref, settings=settings, schedulers=schedulers, metrics=metrics,
+    )  # fmt: skip
+
+
+def _generation_target(models: Models, body: dict) -> tuple[Runtime, str | None]:
+    rt, adapter = models.route(validation.require(body, "model"))
+    if rt.task != "causal-lm":
+        raise APIError(
+            400, f"model '{body['model']}' is a classifier; use /v1/classify", code="wrong_task"
+        )
+    return rt, adapter
+
+
+# -- classify ---------------------------------------------------------------------------------
+
+
+@classify_router.post("/v1/classify")
+async def classify(
+    request: Request, settings: SettingsDep, models: ModelsDep, schedulers: SchedulersDep
+):
+    body = await validation.read_json(request)
+    texts = validation.texts(body, settings.max_classify_inputs)
+    rt, adapter = models.route(validation.require(body, "model"))
+    if rt.task != "seq-cls":
+        raise APIError(
+            400, f"model '{body['model']}' generates text; use /v1/completions", code="wrong_task"
+        )
+    if adapter is None:
+        raise APIError(
+            400, "classify with a classification adapter, not the bare base", code="no_head"
+        )
+    job = Job(
+        loop=asyncio.get_running_loop(),
+        events=asyncio.Queue(),
+        classify=[(adapter, t) for t in texts],
+    )
+    submit(schedulers[rt.base_ref], job)
+    try:
+        kind, value = await Listener(request, job).next()
+    finally:
+        job.cancel()  # a no-op once done; else its remaining chunks are skipped
+    if kind == "error":
+        raise as_api_error(value)
+    return {
+        "object": "list",
+        "model": adapter,
+        "data": [{"index": i, **row} for i, row in enumerate(value)],
+    }
+
+
+# -- admin: load and unload -------------------------------------------------------------------
+
+
+@admin_router.post("/v1/adapters/load")
+async def load_adapter(request: Request, models: ModelsDep):
+    rt, adapter = await _admin_target(request, models)
+    resident = await asyncio.to_thread(rt.load, adapter)
+    return {"model": resident.key, "base": rt.base_ref, "resident": rt.resident()}
+
+
+@admin_router.post("/v1/adapters/unload")
+async def unload_adapter(request: Request, models: ModelsDep):
+    rt, adapter = await _admin_target(request, models)
+    unloaded = await asyncio.to_thread(rt.unload, adapter)
+    return {"model": adapter, "unloaded": unloaded, "resident": rt.resident()}
+
+
+async def _admin_target(request: Request, models: Models) -> tuple[Runtime, str]:
+    body = await validation.read_json(request)
+    rt, adapter = models.route(validation.require(body, "model"))
+    if adapter is None:
+        raise APIError(400, "the base is always loaded; name an adapter", code="invalid_model")
+    return rt, adapter
