@@ -828,9 +828,14 @@ def test_the_lora_bank_refuses_unusable_weights_and_changes_nothing(
     runtime, _ = tiny_runtime
     bank = LoraBank(runtime.model)
     config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8}
+    gen = torch.Generator().manual_seed(0)
     good = {
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 64),
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(64, 4),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(
+            4, 64, generator=gen
+        ),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(
+            64, 4, generator=gen
+        ),
     }
     bank.add("good", good, config)
     before = {path: (s.a.clone(), s.b.clone()) for path, s in bank._stacks.items()}

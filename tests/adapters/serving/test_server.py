@@ -154,10 +154,10 @@ def test_stop_and_seed(served):
     body = {"model": "pfx-a", "prompt": "the dog", "max_tokens": 8, "temperature": 1.2, "seed": 11}
     one = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
     assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == one
-    if len(one) > 2:
-        stop = one[1:3]
-        cut = client.post("/v1/completions", json={**body, "stop": stop}).json()["choices"][0]
-        assert cut["finish_reason"] == "stop" and cut["text"] == one[: one.find(stop)]
+    assert len(one) > 2, f"seed 11 sampled only {one!r}: too short to cut at a stop string"
+    stop = one[1:3]
+    cut = client.post("/v1/completions", json={**body, "stop": stop}).json()["choices"][0]
+    assert cut["finish_reason"] == "stop" and cut["text"] == one[: one.find(stop)]
 
 
 @pytest.mark.parametrize(
