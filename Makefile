@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-gpu soak lint install clean
+.PHONY: demo test test-fast test-gpu soak mutation lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -39,6 +39,13 @@ test-gpu: $(STAMP)
 soak: $(STAMP)
 	$(PY) -m pytest -q -s -m soak
 	$(PY) benchmarks/soak.py --out soak.json
+
+# Mutation testing (not in CI; hours on 2 cores): cosmic-ray, one module at a time, each mutant
+# running its module's fast tests, on a copy of the tree (pyproject's [tool.adaptory.mutation],
+# docs/TESTING.md). One module: make mutation MODULES=registry/refs.py
+MODULES ?=
+mutation: $(STAMP)
+	nice -n 19 $(PY) tests/mutation/run.py $(MODULES)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -39,6 +39,14 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cpu_only(reason): a promise made for the CPU only")
 
 
+def pytest_collection_finish(session):
+    """pytest-randomly shuffles the order; say with which seed, even under -q (docs/TESTING.md)."""
+    seed = getattr(session.config.option, "randomly_seed", None)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if isinstance(seed, int) and reporter is not None:
+        reporter.write_line(f"random test order: rerun it with -p randomly --randomly-seed={seed}")
+
+
 def pytest_collection_modifyitems(config, items):
     if TEST_DEVICE == "cpu":
         return
