@@ -316,3 +316,22 @@ def test_round_trip_real_tiny_llama_import_export_gives_identical_logits(run, tm
         and f'base_model: "{base_dir}"' in card
         and "library_name: peft" in card
     )
+
+
+def test_list_in_a_pipe_shows_every_cell_whole(run, home, tmp_path):
+    """Piped or logged, `list` is not squeezed into 80 columns: no cell is cut to "accur…"."""
+    Registry(home).add(
+        make_lora_folder(tmp_path / "src"),
+        name="support-classifier-long-name",
+        method="lora",
+        task="seq-cls",
+        base_model="sentence-transformers/all-MiniLM-L6-v2",
+        metrics={"accuracy": 0.9833, "macro_f1": 0.98},
+        tags=["production-candidate"],
+    )
+    result = run("list")  # CliRunner's output is not a terminal, as in a pipe
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output, result.output
+    for cell in ("support-classifier-long-name", "sentence-transformers/all-MiniLM-L6-v2",
+                 "accuracy=0.9833", "production-candidate", "seq-cls"):  # fmt: skip
+        assert cell in result.output, result.output
