@@ -163,6 +163,8 @@ def soak(
     numerics: str = "auto",
     device: str | None = None,
 ) -> dict:
+    """One load run against a fresh server; the JSON report, whose `ok` says whether every
+    check passed."""
     import httpx
 
     with tempfile.TemporaryDirectory(prefix="adaptory-soak-") as tmp:
@@ -179,93 +181,26 @@ def soak(
 
             wait_healthy(url, proc, log, timeout=180)
             models = names + [f"base:{base}"]
-            # references: each (model, prompt) sent alone, one at a time, before the load
-            reference = {}
-            with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S) as client:
-                for model in models:
-                    for prompt in PROMPTS:
-                        r = client.post("/v1/completions", json={
-                            "model": model, "prompt": prompt, "max_tokens": MAX_TOKENS,
-                            "temperature": 0,
-                        })  # fmt: skip
-                        r.raise_for_status()
-                        reference[model, prompt] = r.json()["choices"][0]["text"]
-                before = client.get("/metrics").text
-            distinct = len({reference[m, PROMPTS[0]] for m in models})
+            reference, before = send_alone(url, models)
             rng = random.Random(seed)
             jobs = [
                 (rng.choice(models), rng.choice(PROMPTS), rng.random() < 0.5)
                 for _ in range(requests)
             ]
-            done = [0]
-            samples: list[tuple[float, float]] = []
-            stop = threading.Event()
-
-            def sample():
-                while not stop.is_set():
-                    samples.append((done[0], rss_bytes(proc.pid)))
-                    stop.wait(0.1)
-
-            sampler = threading.Thread(target=sample, daemon=True)
-            rss_start = rss_bytes(proc.pid)
-            sampler.start()
-            started = time.perf_counter()
-            results = asyncio.run(run_load(url, jobs, clients, done))
-            wall = time.perf_counter() - started
-            stop.set()
-            sampler.join()
-            samples.append((done[0], rss_bytes(proc.pid)))
+            results, samples, rss_start, wall = load_with_rss(url, jobs, clients, proc.pid)
             after = httpx.get(f"{url}/metrics", timeout=30).text
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        errors = [e for *_, e in results if e]
-        mismatches = [
-            (job, text, reference[job[0], job[1]])
-            for job, _, text, error in results
-            if error is None and text != reference[job[0], job[1]]
-        ]
-        latencies = sorted(t for _, t, _, e in results if e is None)
-        warm = [p for p in samples if p[0] >= 0.2 * requests]
-        rss_slope = slope(warm) if len(warm) >= 3 else 0.0
+            stop_server(proc)
+        rss_slope = warm_slope(samples, requests)
         report = {
             "clients": clients,
             "requests": requests,
             "adapters": len(names),
             "max_adapters": max_adapters,
-            "distinct_outputs_across_models": distinct,
-            "errors": len(errors),
-            "first_errors": errors[:3],
-            "numerics": numerics,
-            "mismatches": len(mismatches),
-            "mismatch_rate": round(len(mismatches) / max(1, len(results)), 5),
-            "mismatches_by_model": dict(Counter(job[0] for job, *_ in mismatches)),
-            "mismatches_equal_to_base_output": sum(
-                1 for job, text, _ in mismatches if text == reference[f"base:{base}", job[1]]
-            ),
-            "first_mismatches": [list(map(str, m)) for m in mismatches[:3]],
-            "streamed": sum(1 for job, *_ in results if job[2]),
-            "p50_s": round(latencies[len(latencies) // 2], 4) if latencies else None,
-            "p99_s": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 4)
-            if latencies
-            else None,
-            "throughput_rps": round(len(results) / wall, 2),
-            "tokens_per_s": round(len(results) * MAX_TOKENS / wall, 1),
-            "wall_s": round(wall, 2),
-            "rss_start_mb": round(rss_start / 2**20, 1),
-            "rss_end_mb": round(samples[-1][1] / 2**20, 1),
-            "rss_max_mb": round(max(s[1] for s in samples) / 2**20, 1),
-            "rss_slope_bytes_per_request": round(rss_slope, 1),
-            "rss_samples": len(samples),
-            "loads": metric(after, "adaptory_adapter_loads_total")
-            - metric(before, "adaptory_adapter_loads_total"),
-            "evictions": metric(after, "adaptory_adapter_evictions_total")
-            - metric(before, "adaptory_adapter_evictions_total"),
-            "load_failures": metric(after, "adaptory_adapter_load_failures_total"),
-            "base_loads": metric(after, "adaptory_base_loads_total"),
+            "distinct_outputs_across_models": len({reference[m, PROMPTS[0]] for m in models}),
+            **outcome_report(results, reference, base, numerics),
+            **timing_report(results, samples, rss_start, rss_slope, wall),
+            **metrics_report(before, after),
         }
         report["ok"] = (
             report["errors"] == 0
@@ -274,10 +209,121 @@ def soak(
             and report["load_failures"] == 0
             and report["evictions"] > 0
             and report["base_loads"] == 1
-            and distinct > 1
+            and report["distinct_outputs_across_models"] > 1
             and (requests < 1000 or rss_slope < RSS_SLOPE_LIMIT)  # too few samples below
         )
         return report
+
+
+def send_alone(url: str, models: list[str]) -> tuple[dict, str]:
+    """The references: each (model, prompt) sent alone, one at a time, before the load; and
+    the server's metrics text then."""
+    import httpx
+
+    reference = {}
+    with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S) as client:
+        for model in models:
+            for prompt in PROMPTS:
+                r = client.post("/v1/completions", json={
+                    "model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+                })  # fmt: skip
+                r.raise_for_status()
+                reference[model, prompt] = r.json()["choices"][0]["text"]
+        before = client.get("/metrics").text
+    return reference, before
+
+
+def load_with_rss(url: str, jobs, clients: int, pid: int):
+    """Run the load while a thread samples the server's RSS against requests done:
+    (results, [(requests done, rss bytes)], rss before the load, wall seconds)."""
+    done = [0]
+    samples: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            samples.append((done[0], rss_bytes(pid)))
+            stop.wait(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    rss_start = rss_bytes(pid)
+    sampler.start()
+    started = time.perf_counter()
+    results = asyncio.run(run_load(url, jobs, clients, done))
+    wall = time.perf_counter() - started
+    stop.set()
+    sampler.join()
+    samples.append((done[0], rss_bytes(pid)))
+    return results, samples, rss_start, wall
+
+
+def stop_server(proc) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def outcome_report(results, reference: dict, base: str, numerics: str) -> dict:
+    """Errors, and greedy outputs that differ from the same request sent alone."""
+    errors = [e for *_, e in results if e]
+    mismatches = [
+        (job, text, reference[job[0], job[1]])
+        for job, _, text, error in results
+        if error is None and text != reference[job[0], job[1]]
+    ]
+    return {
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "numerics": numerics,
+        "mismatches": len(mismatches),
+        "mismatch_rate": round(len(mismatches) / max(1, len(results)), 5),
+        "mismatches_by_model": dict(Counter(job[0] for job, *_ in mismatches)),
+        "mismatches_equal_to_base_output": sum(
+            1 for job, text, _ in mismatches if text == reference[f"base:{base}", job[1]]
+        ),
+        "first_mismatches": [list(map(str, m)) for m in mismatches[:3]],
+        "streamed": sum(1 for job, *_ in results if job[2]),
+    }
+
+
+def warm_slope(samples: list[tuple[float, float]], requests: int) -> float:
+    """The RSS slope per request after warm-up (the first 20% of requests); 0 when fewer than
+    3 samples fall there."""
+    warm = [p for p in samples if p[0] >= 0.2 * requests]
+    return slope(warm) if len(warm) >= 3 else 0.0
+
+
+def timing_report(results, samples, rss_start: int, rss_slope: float, wall: float) -> dict:
+    """Latency percentiles, throughput, and the server's RSS over the load."""
+    latencies = sorted(t for _, t, _, e in results if e is None)
+    return {
+        "p50_s": round(latencies[len(latencies) // 2], 4) if latencies else None,
+        "p99_s": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 4)
+        if latencies
+        else None,
+        "throughput_rps": round(len(results) / wall, 2),
+        "tokens_per_s": round(len(results) * MAX_TOKENS / wall, 1),
+        "wall_s": round(wall, 2),
+        "rss_start_mb": round(rss_start / 2**20, 1),
+        "rss_end_mb": round(samples[-1][1] / 2**20, 1),
+        "rss_max_mb": round(max(s[1] for s in samples) / 2**20, 1),
+        "rss_slope_bytes_per_request": round(rss_slope, 1),
+        "rss_samples": len(samples),
+    }
+
+
+def metrics_report(before: str, after: str) -> dict:
+    """Adapter loads and evictions during the load, and failures and base loads in all."""
+    return {
+        "loads": metric(after, "adaptory_adapter_loads_total")
+        - metric(before, "adaptory_adapter_loads_total"),
+        "evictions": metric(after, "adaptory_adapter_evictions_total")
+        - metric(before, "adaptory_adapter_evictions_total"),
+        "load_failures": metric(after, "adaptory_adapter_load_failures_total"),
+        "base_loads": metric(after, "adaptory_base_loads_total"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

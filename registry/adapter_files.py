@@ -8,6 +8,7 @@ whose shapes fit the config (LoRA ranks, prefix and prompt sizes, IA3 vectors), 
 no symlinks, no subfolders, UTF-8 names. The safetensors header is parsed here by hand so that a
 lying file is refused without handing it to a loader. The runtime runs the same checks on what it
 loads (adapters stored before a check existed), then its own checks against the base.
+Kept as one module (~780 lines): the validation rules of one folder format read best together.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ WAL mode with a busy timeout lets readers proceed while one writer works; every 
 evolves through named migration functions, each applied once and recorded in `schema_version`.
 A catalog that SQLite reports as corrupt raises `CatalogDamaged`, never a raw sqlite3 error, and
 `health()` checks both SQLite's own structures and every row's digest against its file list.
+Kept as one module (~530 lines): the schema, its migrations and all the SQL run against it.
 """
 
 from __future__ import annotations

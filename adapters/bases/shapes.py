@@ -170,18 +170,11 @@ def build_random_base(
     only ever picks ordinary tokens (decoding an unknown id gives no text at all) and never
     stops early at eos: every path does the same work.
     """
-    import torch
-
     from adaptory.adapters.bases.loading import (
-        CAUSAL_SKIP_MODULES,
         QUANTS,
         BaseSource,
-        Fingerprint,
         LoadedBase,
         compute_dtype,
-        fingerprint_files,
-        quant_label,
-        quantization_config,
         quiet_transformers,
     )
 
@@ -199,18 +192,9 @@ def build_random_base(
     config = llama_config(dims, vocab=vocab, tokenizer=tokenizer)
     dtype = dtype or compute_dtype(device)
     config.dtype = dtype
-    model = skeleton(config)
-    params = count_params(model)
-    if quant != "none":
-        _four_bit_linears(model, quant, dtype)
-    _materialise(model, tokenizer, device=device, dtype=dtype, seed=seed)
-    if quant != "none":
-        model.is_loaded_in_4bit = True  # what PEFT and prepare_model_for_kbit_training read
-        model.config.quantization_config = quantization_config(
-            quant, device, CAUSAL_SKIP_MODULES, dtype
-        )
-    model.eval()
-
+    model, params = _random_model(
+        config, tokenizer, device=device, dtype=dtype, quant=quant, seed=seed
+    )
     config.save_pretrained(str(folder))
     info = {
         "arch": "llama",
@@ -224,6 +208,47 @@ def build_random_base(
         "description": f"llama {name}, random init built in place on {device} (no weights saved)",
     }
     (folder / "adaptory_base.json").write_text(json.dumps(info, indent=2) + "\n")
+    return LoadedBase(
+        model=model,
+        tokenizer=tokenizer,
+        source=BaseSource(ref=str(folder), path=folder.resolve(), kind="path"),
+        task="causal-lm",
+        quant=quant,
+        device=str(device),
+        fingerprint=_fingerprint(
+            folder, dims, vocab=vocab, seed=seed, device=device, dtype=dtype, quant=quant
+        ),
+        extra={"size": name, "params": params, "built_in_place": True},
+    )
+
+
+def _random_model(config, tokenizer, *, device: str, dtype, quant: str, seed: int):
+    """(the model of `config` with random weights on `device`, its parameter count): the
+    skeleton on the meta device, its decoder Linears swapped for 4-bit ones unless `quant` is
+    none, then materialised module by module."""
+    from adaptory.adapters.bases.loading import CAUSAL_SKIP_MODULES, quantization_config
+
+    model = skeleton(config)
+    params = count_params(model)
+    if quant != "none":
+        _four_bit_linears(model, quant, dtype)
+    _materialise(model, tokenizer, device=device, dtype=dtype, seed=seed)
+    if quant != "none":
+        model.is_loaded_in_4bit = True  # what PEFT and prepare_model_for_kbit_training read
+        model.config.quantization_config = quantization_config(
+            quant, device, CAUSAL_SKIP_MODULES, dtype
+        )
+    model.eval()
+    return model, params
+
+
+def _fingerprint(folder: Path, dims: Size, *, vocab: int, seed: int, device: str, dtype, quant):
+    """The base's identity: its weights are a function of the shapes, seed, device and dtype
+    (they are never saved), its tokenizer that of the files in `folder`."""
+    import torch
+
+    from adaptory.adapters.bases.loading import Fingerprint, fingerprint_files, quant_label
+
     identity = {
         "random_init": asdict(dims),
         "vocab": vocab,
@@ -233,18 +258,8 @@ def build_random_base(
         "std": INIT_STD,
     }
     weights = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    fingerprint = Fingerprint(
+    return Fingerprint(
         weights=weights, tokenizer=fingerprint_files(folder)[1], quant=quant_label(quant)
-    )
-    return LoadedBase(
-        model=model,
-        tokenizer=tokenizer,
-        source=BaseSource(ref=str(folder), path=folder.resolve(), kind="path"),
-        task="causal-lm",
-        quant=quant,
-        device=str(device),
-        fingerprint=fingerprint,
-        extra={"size": name, "params": params, "built_in_place": True},
     )
 
 

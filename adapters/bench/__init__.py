@@ -23,15 +23,8 @@ from adaptory.adapters.bench.harness import (
     BenchSettings,
     bench_loaded,
     default_workdir,
-    greedy_decode,
-    hf_generate,
     load_bench_base,
-    lora_shapes,
     machine_info,
-    make_adapters,
-    peft_with_adapters,
-    prompts,
-    read_adapter,
     target,
     write_json,
 )
@@ -40,6 +33,15 @@ from adaptory.adapters.bench.memory import bench_memory
 from adaptory.adapters.bench.serve import bench_serve, plot_serve
 from adaptory.adapters.bench.swap import bench_swap
 from adaptory.adapters.bench.train import bench_train
+from adaptory.adapters.bench.workload import (
+    greedy_decode,
+    hf_generate,
+    lora_shapes,
+    make_adapters,
+    peft_with_adapters,
+    prompts,
+    read_adapter,
+)
 
 __all__ = [
     "BENCHES",

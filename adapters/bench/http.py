@@ -7,23 +7,27 @@ import json
 import math
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from adaptory.adapters.bench.harness import (
     BenchSettings,
     _settings_dict,
     base_name,
-    bench_adapters,
     bench_loaded,
-    hf_compiled,
-    hf_generate,
     interleave,
+    rated,
     ratio,
-    register_adapters,
-    runtime_for,
-    summary,
     target,
     timed,
+)
+from adaptory.adapters.bench.workload import (
+    bench_adapters,
+    hf_compiled,
+    hf_generate,
+    register_adapters,
+    runtime_for,
 )
 
 PROMPT = "the cat sat on the mat and the dog ran to the park"
@@ -129,6 +133,30 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
+@dataclass
+class _Load:
+    """The requests of one round: `requests` completions from `clients` at a time (in waves),
+    request i on refs[i mod k]."""
+
+    clients: int
+    requests: int
+    new_tokens: int
+    k: int
+    refs: list[str]
+
+    @property
+    def waves(self) -> int:
+        return math.ceil(self.requests / self.clients)
+
+    @property
+    def tokens(self) -> int:
+        return self.requests * self.new_tokens
+
+    def wave(self, index: int) -> range:
+        """The requests sent together in wave `index`."""
+        return range(index * self.clients, min(self.requests, (index + 1) * self.clients))
+
+
 def bench_http(
     settings: BenchSettings,
     *,
@@ -145,11 +173,9 @@ def bench_http(
     Runtime this process holds; a separate process plays the clients. Measured side by side:
     the same requests through Runtime.generate (`clients` at a time, one call each), and
     transformers' `generate` of `clients` copies of the prompt on the same base, no adapter."""
-    from adaptory.adapters.serving.runtime import GenerationRequest
-    from adaptory.adapters.serving.server import create_app
     from adaptory.registry import Registry
 
-    quick, device = settings.quick, settings.device
+    quick = settings.quick
     clients = clients or (4 if quick else 32)
     requests = requests or clients
     new_tokens = new_tokens or (4 if quick else 32)
@@ -159,77 +185,80 @@ def bench_http(
     registry = Registry(settings.workdir / "home-http")
     entries = register_adapters(registry, loaded, folders)
     rt = runtime_for(loaded, registry, settings, max_adapters=k + 1)
-    refs = [e.ref for e in entries]
-    for ref in refs:  # resident before anything is timed, as after a server's first requests
+    load = _Load(clients, requests, new_tokens, k, [e.ref for e in entries])
+    for ref in load.refs:  # resident before anything is timed, as after a server's first requests
         rt.load(ref)
-    waves = math.ceil(requests / clients)
-    tokens = requests * new_tokens
     records: dict[str, list[dict]] = {"http": [], "http_stream": []}
+    times, errors = _time_rounds(
+        settings, loaded, registry, rt, load, records, hf=hf, hf_compile=hf_compile, timeout=timeout
+    )
+    results = _http_results(times, load, records)
+    tps = {name: r["tokens_per_s"] for name, r in results.items()}
+    reference, ratios, targets = _http_comparisons(tps, clients)
+    return {
+        "bench": "http",
+        "settings": _settings_dict(
+            settings,
+            loaded.source.path,
+            clients=clients,
+            requests=requests,
+            new_tokens=new_tokens,
+            k=k,
+            hf_reference=reference,
+            hf_compiled=hf_compiled(loaded.model),
+            base_name=base_name(loaded),
+        ),
+        "results": results,
+        "ratios": ratios,
+        "targets": targets,
+        "errors": errors,
+        "notes": _http_notes(load),
+    }
 
-    def runtime_run() -> float:
-        produced = [0]
 
-        def run():
-            for wave in range(waves):
-                batch = [
-                    GenerationRequest(prompt=PROMPT, adapter=refs[i % k], max_new_tokens=new_tokens)
-                    for i in range(wave * clients, min(requests, (wave + 1) * clients))
-                ]
-                produced[0] += sum(r.completion_tokens for r in rt.generate(batch))
+def _time_rounds(
+    settings: BenchSettings,
+    loaded,
+    registry,
+    rt,
+    load: _Load,
+    records: dict,
+    *,
+    hf: bool,
+    hf_compile: bool,
+    timeout: float,
+):
+    """Serve the runtime's app under uvicorn and time its rounds interleaved with
+    Runtime.generate and transformers' generate: (times, errors of dropped compiles)."""
+    from adaptory.adapters.serving.server import create_app
 
-        return timed(run, device) * tokens / max(1, produced[0])
-
+    device, clients = settings.device, load.clients
     encoded = loaded.tokenizer([PROMPT] * clients, return_tensors="pt")
     ids = encoded["input_ids"].to(device)
     mask = encoded["attention_mask"].to(device)
-
-    def hf_run(**options):
-        def run() -> float:
-            produced = [0]
-
-            def go():
-                for wave in range(waves):
-                    rows = min(clients, requests - wave * clients)
-                    produced[0] += hf_generate(
-                        loaded.model, ids[:rows], mask[:rows], new_tokens, **options
-                    ).numel()
-
-            return timed(go, device) * tokens / max(1, produced[0])
-
-        return run
-
     app = create_app(
         {rt.base_ref: rt},
         registry=registry,
         settings=server_settings(
             max_batch=clients,
             max_prompt_tokens=max(64, ids.shape[1] * 2),
-            max_tokens_limit=max(16, new_tokens),
+            max_tokens_limit=max(16, load.new_tokens),
         ),
     )
     with ThreadedServer(app) as url:
-
-        def http_run(stream: bool):
-            def run() -> float:
-                result = load_round(
-                    url, models=refs, clients=clients, requests=requests,
-                    max_tokens=new_tokens, stream=stream, timeout=timeout,
-                )  # fmt: skip
-                records["http_stream" if stream else "http"].append(result)
-                produced = sum(r["completion_tokens"] for r in result["requests"])
-                return result["wall_s"] * tokens / max(1, produced)
-
-            return run
-
         variants = {
-            f"runtime/B={clients}": runtime_run,
-            f"http/B={clients}": http_run(False),
-            f"http_stream/B={clients}": http_run(True),
+            f"runtime/B={clients}": _runtime_variant(rt, load, device),
+            f"http/B={clients}": _http_variant(url, load, records, False, timeout),
+            f"http_stream/B={clients}": _http_variant(url, load, records, True, timeout),
         }
         if hf:
-            variants[f"hf_generate/B={clients}"] = hf_run()
+            variants[f"hf_generate/B={clients}"] = _hf_variant(
+                loaded.model, ids, mask, load, device
+            )
         if hf_compile:
-            variants[f"hf_static_compile/B={clients}"] = hf_run(static=True, compile=True)
+            variants[f"hf_static_compile/B={clients}"] = _hf_variant(
+                loaded.model, ids, mask, load, device, static=True, compile=True
+            )
         errors: dict[str, str] = {}
         times = interleave(
             variants,
@@ -238,11 +267,71 @@ def bench_http(
             optional=[n for n in variants if n.startswith("hf_static_compile")],
             errors=errors,
         )
+    return times, errors
+
+
+def _runtime_variant(rt, load: _Load, device: str) -> Callable[[], float]:
+    """The same requests through Runtime.generate, `clients` per call, scaled to the same token
+    count when rows stop early."""
+    from adaptory.adapters.serving.runtime import GenerationRequest
+
+    def runtime_run() -> float:
+        produced = [0]
+
+        def run():
+            for wave in range(load.waves):
+                batch = [
+                    GenerationRequest(
+                        prompt=PROMPT, adapter=load.refs[i % load.k], max_new_tokens=load.new_tokens
+                    )
+                    for i in load.wave(wave)
+                ]
+                produced[0] += sum(r.completion_tokens for r in rt.generate(batch))
+
+        return timed(run, device) * load.tokens / max(1, produced[0])
+
+    return runtime_run
+
+
+def _hf_variant(model, ids, mask, load: _Load, device: str, **options) -> Callable[[], float]:
+    """transformers' `generate` of `clients` copies of the prompt (per wave), no adapter."""
+
+    def run() -> float:
+        produced = [0]
+
+        def go():
+            for wave in range(load.waves):
+                rows = len(load.wave(wave))
+                produced[0] += hf_generate(
+                    model, ids[:rows], mask[:rows], load.new_tokens, **options
+                ).numel()
+
+        return timed(go, device) * load.tokens / max(1, produced[0])
+
+    return run
+
+
+def _http_variant(url: str, load: _Load, records: dict, stream: bool, timeout: float):
+    """One round of the load generator against the server; its requests kept in `records`."""
+
+    def run() -> float:
+        result = load_round(
+            url, models=load.refs, clients=load.clients, requests=load.requests,
+            max_tokens=load.new_tokens, stream=stream, timeout=timeout,
+        )  # fmt: skip
+        records["http_stream" if stream else "http"].append(result)
+        produced = sum(r["completion_tokens"] for r in result["requests"])
+        return result["wall_s"] * load.tokens / max(1, produced)
+
+    return run
+
+
+def _http_results(times: dict[str, list[float]], load: _Load, records: dict) -> dict:
+    """Each variant's summary and tokens/s; for HTTP also latency percentiles and requests/s,
+    and for streaming the time to first token."""
     results = {}
     for name, samples in times.items():
-        entry = summary(samples)
-        entry["tokens"] = tokens
-        entry["tokens_per_s"] = tokens / entry["median_s"]
+        entry = rated(samples, load.tokens)
         kind = name.split("/")[0]
         if kind in records:
             # latencies over every timed round (the warm-up round is the first recorded)
@@ -250,15 +339,18 @@ def bench_http(
             latencies = [r["latency_s"] for rd in rounds for r in rd["requests"]]
             entry["latency_p50_s"] = percentile(latencies, 0.5)
             entry["latency_p99_s"] = percentile(latencies, 0.99)
-            entry["requests_per_s"] = requests / entry["median_s"]
+            entry["requests_per_s"] = load.requests / entry["median_s"]
             if kind == "http_stream":
                 ttfts = [r["ttft_s"] for rd in rounds for r in rd["requests"]]
                 entry["ttft_p50_s"] = percentile(ttfts, 0.5)
                 entry["ttft_p99_s"] = percentile(ttfts, 0.99)
                 entry["ttft_missing"] = sum(t is None for t in ttfts)
         results[name] = entry
-    tps = {name: r["tokens_per_s"] for name, r in results.items()}
-    b = clients
+    return results
+
+
+def _http_comparisons(tps: dict[str, float], b: int):
+    """(transformers' fastest variant or None, ratios, targets) at `b` concurrent clients."""
     hf_names = [n for n in (f"hf_generate/B={b}", f"hf_static_compile/B={b}") if n in tps]
     reference = max(hf_names, key=tps.__getitem__) if hf_names else None
     ratios = {}
@@ -279,34 +371,21 @@ def bench_http(
             missing="transformers generate not measured",
         ),
     }  # fmt: skip
-    return {
-        "bench": "http",
-        "settings": _settings_dict(
-            settings,
-            loaded.source.path,
-            clients=clients,
-            requests=requests,
-            new_tokens=new_tokens,
-            k=k,
-            hf_reference=reference,
-            hf_compiled=hf_compiled(loaded.model),
-            base_name=base_name(loaded),
-        ),
-        "results": results,
-        "ratios": ratios,
-        "targets": targets,
-        "errors": errors,
-        "notes": [
-            f"{requests} completions of {new_tokens} tokens (greedy, the same {PROMPT!r}), "
-            f"request i on adapter i mod {k}, from {clients} concurrent clients in another "
-            "process; the server (FastAPI + scheduler + Runtime, the app `adaptory serve` "
-            f"runs) under uvicorn in this process, --max-batch {clients}",
-            "http: plain completions; http_stream: stream=true (time to first token = the "
-            "first chunk with text); latencies and tokens over every timed round",
-            f"runtime: the same requests through Runtime.generate, {clients} per call; HF: "
-            f"transformers' generate of {clients} copies of the prompt, no adapter",
-        ],
-    }
+    return reference, ratios, targets
+
+
+def _http_notes(load: _Load) -> list[str]:
+    requests, new_tokens, clients = load.requests, load.new_tokens, load.clients
+    return [
+        f"{requests} completions of {new_tokens} tokens (greedy, the same {PROMPT!r}), "
+        f"request i on adapter i mod {load.k}, from {clients} concurrent clients in another "
+        "process; the server (FastAPI + scheduler + Runtime, the app `adaptory serve` "
+        f"runs) under uvicorn in this process, --max-batch {clients}",
+        "http: plain completions; http_stream: stream=true (time to first token = the "
+        "first chunk with text); latencies and tokens over every timed round",
+        f"runtime: the same requests through Runtime.generate, {clients} per call; HF: "
+        f"transformers' generate of {clients} copies of the prompt, no adapter",
+    ]
 
 
 def serve_available() -> bool:

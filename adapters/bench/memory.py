@@ -10,24 +10,28 @@ from adaptory.adapters.bench.harness import (
     BenchSettings,
     _settings_dict,
     base_name,
-    bench_adapters,
     bench_base,
     bench_loaded,
     cuda_allocated,
     interleave,
+    rated,
+    ratio,
+    rss_bytes,
+    sync,
+    target,
+)
+from adaptory.adapters.bench.workload import (
+    bench_adapters,
     lora_config,
     lora_dtype,
     lora_shapes,
+    make_adapters,
+    prompts,
     random_lora,
-    ratio,
     raw_lora_bytes,
     register_adapters,
-    rss_bytes,
     runtime_for,
-    summary,
-    sync,
-    target,
-    timed,
+    runtime_timer,
 )
 
 # --- memory --------------------------------------------------------------------------------
@@ -49,8 +53,6 @@ def bench_memory(
 
     import torch
 
-    from adaptory.adapters.serving.lora_bank import LoraBank
-
     counts = sorted(set(counts or ((1, 4) if settings.quick else (1, 10, 100))))
     new_tokens = new_tokens or (4 if settings.quick else 32)
     device = settings.device
@@ -65,8 +67,54 @@ def bench_memory(
     dtype = lora_dtype(loaded.model, shapes)
     elem = torch.empty((), dtype=dtype).element_size()
     raw = raw_lora_bytes(shapes, settings.rank, elem)
-    config = lora_config(str(loaded.source.path), r=settings.rank, targets=settings.targets)
 
+    rows = _bank_rows(settings, loaded, counts, shapes, dtype, raw)
+    merged = _one_merged_model(settings, loaded, base_footprint, base_cuda)
+    one_base = base_cuda if device.startswith("cuda") else base_footprint
+    for row in rows:
+        row["one_base_plus_bank_bytes"] = one_base + row["bank_nbytes"]
+        row["merged_models_bytes_extrapolated"] = row["adapters"] * merged["bytes"]
+        row["merged_over_shared"] = (
+            row["merged_models_bytes_extrapolated"] / row["one_base_plus_bank_bytes"]
+        )
+    marginal, deviation = _linear_fit(rows)
+    resident = _runtime_resident(settings, loaded, max(counts), raw, throughput, new_tokens,
+                                 prompt_len)  # fmt: skip
+    results = {
+        "base": {
+            "footprint_bytes": base_footprint,
+            "rss_delta": base_rss,
+            "cuda_allocated_delta": base_cuda,
+        },
+        "merged_model": merged,
+        "adapter_raw_bytes": raw,
+        "adapter_theoretical_bytes": raw,
+        "adapted_matrices": len(shapes),
+        "bank": rows,
+        "bank_marginal_bytes_per_adapter": marginal,
+        "bank_marginal_over_theory": marginal / raw if marginal else None,
+        "runtime": resident,
+    }
+    return {
+        "bench": "memory",
+        "settings": _settings_dict(
+            settings, loaded.source.path, counts=counts, base_name=base_name(loaded)
+        ),
+        "results": results,
+        "targets": _memory_targets(marginal, deviation, raw, resident, max(counts)),
+        "notes": _memory_notes(settings, len(shapes), elem, merged["note"]),
+    }
+
+
+def _bank_rows(settings: BenchSettings, loaded, counts, shapes, dtype, raw: int) -> list[dict]:
+    """For each count N: a LoraBank with room for exactly N, filled with N random adapters
+    generated on the device, and the bytes it holds (exact) and the process took (noisy)."""
+    import gc
+
+    from adaptory.adapters.serving.lora_bank import LoraBank
+
+    device = settings.device
+    config = lora_config(str(loaded.source.path), r=settings.rank, targets=settings.targets)
     rows = []
     for n in counts:
         bank = LoraBank(loaded.model, dtype=dtype)
@@ -94,52 +142,28 @@ def bench_memory(
         bank.close()
         del bank
         gc.collect()
-    merged = _one_merged_model(settings, loaded, base_footprint, base_cuda)
-    one_base = base_cuda if device.startswith("cuda") else base_footprint
-    for row in rows:
-        row["one_base_plus_bank_bytes"] = one_base + row["bank_nbytes"]
-        row["merged_models_bytes_extrapolated"] = row["adapters"] * merged["bytes"]
-        row["merged_over_shared"] = (
-            row["merged_models_bytes_extrapolated"] / row["one_base_plus_bank_bytes"]
-        )
-    marginal = None
-    if len(rows) > 1:
-        first, last = rows[0], rows[-1]
-        marginal = (last["bank_nbytes"] - first["bank_nbytes"]) / (
-            last["adapters"] - first["adapters"]
-        )
-    deviation = None  # the largest distance of a count's bytes from the line, relative
-    if marginal is not None:
-        first = rows[0]
-        deviation = max(
-            abs(
-                r["bank_nbytes"]
-                - first["bank_nbytes"]
-                - marginal * (r["adapters"] - first["adapters"])
-            )
-            / r["bank_nbytes"]
-            for r in rows
-        )
+    return rows
 
-    resident = _runtime_resident(settings, loaded, max(counts), raw, throughput, new_tokens,
-                                 prompt_len)  # fmt: skip
-    n = max(counts)
-    results = {
-        "base": {
-            "footprint_bytes": base_footprint,
-            "rss_delta": base_rss,
-            "cuda_allocated_delta": base_cuda,
-        },
-        "merged_model": merged,
-        "adapter_raw_bytes": raw,
-        "adapter_theoretical_bytes": raw,
-        "adapted_matrices": len(shapes),
-        "bank": rows,
-        "bank_marginal_bytes_per_adapter": marginal,
-        "bank_marginal_over_theory": marginal / raw if marginal else None,
-        "runtime": resident,
-    }
-    targets = {
+
+def _linear_fit(rows: list[dict]) -> tuple[float | None, float | None]:
+    """(bytes per added adapter between the first and last count, the largest distance of a
+    count's bytes from that line, relative); None for both with one count."""
+    if len(rows) < 2:
+        return None, None
+    first, last = rows[0], rows[-1]
+    marginal = (last["bank_nbytes"] - first["bank_nbytes"]) / (last["adapters"] - first["adapters"])
+    deviation = max(
+        abs(
+            r["bank_nbytes"] - first["bank_nbytes"] - marginal * (r["adapters"] - first["adapters"])
+        )
+        / r["bank_nbytes"]
+        for r in rows
+    )
+    return marginal, deviation
+
+
+def _memory_targets(marginal, deviation, raw: int, resident: dict | None, n: int) -> dict:
+    return {
         "bank: marginal bytes per adapter <= 1.2x raw": target(
             marginal / raw if marginal else None, "<=", 1.2, missing="needs two counts"
         ),
@@ -155,28 +179,23 @@ def bench_memory(
             missing="throughput not measured (needs more than one adapter)",
         ),
     }  # fmt: skip
-    return {
-        "bench": "memory",
-        "settings": _settings_dict(
-            settings, loaded.source.path, counts=counts, base_name=base_name(loaded)
-        ),
-        "results": results,
-        "targets": targets,
-        "notes": [
-            f"raw: r*(d_in+d_out)*{elem} bytes summed over {len(shapes)} adapted matrices "
-            f"(r={settings.rank}, {', '.join(settings.targets)}) = one adapter's own tensors "
-            "in the bank's dtype",
-            "bank rows: a LoraBank with room for exactly N (reserve) holding N adapters "
-            "generated on the device; bank_nbytes includes slot 0, the zero adapter that "
-            "plain-base rows gather (one adapter's size, a fixed overhead)",
-            "runtime: N adapters loaded from the registry into Runtime(max_adapters=N); its "
-            "memory is the larger of its bank's bytes and the device memory the loads took "
-            "(CUDA); then one batch of N requests, row i on adapter i (K=N) against all rows "
-            "on one adapter (K=1), Runtime.generate",
-            merged["note"],
-            "rss deltas are noisy on CPU (allocator caching); bank_nbytes is exact",
-        ],
-    }
+
+
+def _memory_notes(settings: BenchSettings, matrices: int, elem: int, merged_note: str):
+    return [
+        f"raw: r*(d_in+d_out)*{elem} bytes summed over {matrices} adapted matrices "
+        f"(r={settings.rank}, {', '.join(settings.targets)}) = one adapter's own tensors "
+        "in the bank's dtype",
+        "bank rows: a LoraBank with room for exactly N (reserve) holding N adapters "
+        "generated on the device; bank_nbytes includes slot 0, the zero adapter that "
+        "plain-base rows gather (one adapter's size, a fixed overhead)",
+        "runtime: N adapters loaded from the registry into Runtime(max_adapters=N); its "
+        "memory is the larger of its bank's bytes and the device memory the loads took "
+        "(CUDA); then one batch of N requests, row i on adapter i (K=N) against all rows "
+        "on one adapter (K=1), Runtime.generate",
+        merged_note,
+        "rss deltas are noisy on CPU (allocator caching); bank_nbytes is exact",
+    ]
 
 
 def _one_merged_model(settings: BenchSettings, loaded, base_footprint: int, base_cuda: int):
@@ -195,7 +214,6 @@ def _one_merged_model(settings: BenchSettings, loaded, base_footprint: int, base
     from transformers import AutoModelForCausalLM
 
     from adaptory.adapters.bases.loading import CAUSAL_SKIP_MODULES, quantization_config
-    from adaptory.adapters.bench.harness import make_adapters
     from adaptory.adapters.bench.swap import merged_model_dir
 
     base_dir = bench_base(settings)
@@ -234,7 +252,7 @@ def _runtime_resident(settings, loaded, n, raw, throughput, new_tokens, prompt_l
     from adaptory.registry import Registry
 
     try:
-        from adaptory.adapters.serving.runtime import GenerationRequest
+        from adaptory.adapters.serving.runtime import GenerationRequest  # noqa: F401 (it exists)
     except ImportError:
         return None
     device = settings.device
@@ -270,33 +288,16 @@ def _runtime_resident(settings, loaded, n, raw, throughput, new_tokens, prompt_l
     }
     if not throughput or n < 2:
         return row
-    from adaptory.adapters.bench.harness import prompts
-
     refs = [e.ref for e in entries]
     ids, mask = prompts(loaded.tokenizer, n, prompt_len, "cpu", seed=settings.seed)
     prompt_ids = [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)]
 
     def run(adapters):
-        requests = [
-            GenerationRequest(prompt_ids=prompt_ids[i], adapter=a, max_new_tokens=new_tokens)
-            for i, a in enumerate(adapters)
-        ]
-        expected = n * new_tokens
-        count = {"tokens": expected}
-
-        def go():
-            count["tokens"] = sum(r.completion_tokens for r in rt.generate(requests))
-
-        return lambda: timed(go, device) * expected / max(1, count["tokens"])
+        return runtime_timer(rt, prompt_ids, adapters, new_tokens, device)
 
     variants = {f"runtime/K=1/B={n}": run([refs[0]] * n), f"runtime/K={n}/B={n}": run(refs)}
     times = interleave(variants, settings.repeats, log=settings.say)
-    results = {}
-    for name, samples in times.items():
-        entry = summary(samples)
-        entry["tokens"] = n * new_tokens
-        entry["tokens_per_s"] = entry["tokens"] / entry["median_s"]
-        results[name] = entry
+    results = {name: rated(samples, n * new_tokens) for name, samples in times.items()}
     tps = {name: r["tokens_per_s"] for name, r in results.items()}
     row["throughput"] = results
     row["mixed_over_single"] = ratio(tps, f"runtime/K={n}/B={n}", f"runtime/K=1/B={n}")

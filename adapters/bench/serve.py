@@ -4,33 +4,67 @@ transformers' own fastest single-model path and PEFT's mixed batch, and its plot
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from adaptory.adapters.bench.harness import (
     BenchSettings,
     _settings_dict,
     base_name,
-    bench_adapters,
     bench_loaded,
+    interleave,
+    rated,
+    ratio,
+    target,
+    timed,
+)
+from adaptory.adapters.bench.workload import (
+    bench_adapters,
     greedy_decode,
     hf_compiled,
     hf_generate,
-    interleave,
     peft_with_adapters,
     prompts,
-    ratio,
     read_adapter,
     register_adapters,
     runtime_for,
+    runtime_timer,
     spread,
-    summary,
-    target,
-    timed,
 )
 
 HF_VARIANTS = ("hf_generate", "hf_static_compile")
 
 # --- serve ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """The run's sizes once defaults are filled in."""
+
+    batch: int
+    new_tokens: int
+    ks: list[int]
+    single: bool
+    diagnostics: bool
+    hf_compile: bool
+    hf_compile_config: Any
+
+    @property
+    def sizes(self) -> list[int]:
+        """The batch sizes measured: the batch, and one request alone when `single`."""
+        return [self.batch, 1] if self.single else [self.batch]
+
+
+@dataclass
+class _Variants:
+    """The variants to time, in order, and how many rows each decodes."""
+
+    run: dict[str, Callable[[], float]] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+
+    def add(self, name: str, rows: int, fn: Callable[[], float]) -> None:
+        self.run[name], self.rows[name] = fn, rows
 
 
 def bench_serve(
@@ -55,11 +89,76 @@ def bench_serve(
     * diagnostics (default for the small saved sizes): the model-level decode loop on the plain
       base, through a LoraBank, and PEFT with one adapter or swapping per group.
     """
-    import torch
+    plan = _plan(
+        settings, batch, new_tokens, ks, single, diagnostics, hf_compile, hf_compile_config
+    )
+    loaded = bench_loaded(settings)  # transformers, the bank and the runtime share this model
+    folders = bench_adapters(loaded, settings, max([*plan.ks, 1]))
+    # PEFT wraps the modules it adapts in place: it gets its own copy of the base
+    peft_model = peft_with_adapters(bench_loaded(settings).model, folders)
+    input_ids, mask = prompts(
+        loaded.tokenizer, plan.batch, prompt_len, settings.device, seed=settings.seed
+    )
+    variants = _Variants()
+    if runtime:
+        _add_runtime(variants, plan, settings, loaded, folders, input_ids, mask)
+    _add_peft_mixed(variants, plan, settings.device, peft_model, folders, input_ids, mask)
+    hf_run = _hf_runner(plan, settings.device, loaded.model, input_ids, mask)
+    for rows in plan.sizes:
+        variants.add(f"hf_generate/B={rows}", rows, hf_run(rows))
+    bank = None
+    if plan.diagnostics:
+        bank = _add_diagnostics(
+            variants, plan, settings.device, loaded.model, peft_model, folders, input_ids, mask
+        )
+    # last: the compile happens in its warm-up, the slowest and likeliest step to fail
+    if plan.hf_compile:
+        for rows in plan.sizes:
+            options = {"static": True, "compile": True, "compile_config": plan.hf_compile_config}
+            variants.add(f"hf_static_compile/B={rows}", rows, hf_run(rows, **options))
 
-    from adaptory.registry import Registry
+    results, errors = _measure(variants, settings, plan.new_tokens)
+    tps = {name: r["tokens_per_s"] for name, r in results.items()}
+    if bank is not None:
+        bank.close()
+    reference = _hf_reference(tps, plan.sizes)
+    return {
+        "bench": "serve",
+        "settings": _settings_dict(
+            settings,
+            loaded.source.path,
+            batch=plan.batch,
+            single=plan.single,
+            new_tokens=plan.new_tokens,
+            prompt_len=prompt_len,
+            ks=list(plan.ks),
+            diagnostics=plan.diagnostics,
+            hf_compile=plan.hf_compile,
+            hf_compiled=hf_compiled(loaded.model),
+            hf_reference={str(rows): ref for rows, ref in reference.items()},
+            base_name=base_name(loaded),
+        ),
+        "results": results,
+        "ratios": _serve_ratios(tps, plan, reference),
+        "targets": _serve_targets(tps, plan.batch, reference),
+        "errors": errors,
+        "notes": _serve_notes(plan, results, loaded.model),
+    }
 
-    quick, device, repeats = settings.quick, settings.device, settings.repeats
+
+def _plan(
+    settings: BenchSettings,
+    batch,
+    new_tokens,
+    ks,
+    single,
+    diagnostics,
+    hf_compile,
+    hf_compile_config,
+) -> _Plan:
+    """The defaults: smaller in quick mode, fewer K for bases built in place, diagnostics for
+    saved bases, transformers' compile on CUDA (forced on for the CPU when asked for)."""
+    quick, device = settings.quick, settings.device
     batch = batch or (8 if quick else 32)
     new_tokens = new_tokens or (4 if quick else 32)
     default_ks = (8,) if quick else (8, 32) if settings.in_place else (2, 8, 32)
@@ -73,73 +172,66 @@ def bench_serve(
 
         hf_compile_config = CompileConfig()
         hf_compile_config._compile_all_devices = True  # transformers compiles on accelerators only
+    return _Plan(batch, new_tokens, ks, single, diagnostics, hf_compile, hf_compile_config)
 
-    loaded = bench_loaded(settings)  # transformers, the bank and the runtime share this model
-    model, tokenizer = loaded.model, loaded.tokenizer
-    folders = bench_adapters(loaded, settings, max([*ks, 1]))
+
+def _add_runtime(
+    variants: _Variants, plan: _Plan, settings: BenchSettings, loaded, folders, input_ids, mask
+) -> None:
+    """Runtime.generate: the batch on one adapter, spread over each K, and one request alone."""
+    from adaptory.registry import Registry
+
+    registry = Registry(settings.workdir / "home")
+    entries = register_adapters(registry, loaded, folders)
+    rt = runtime_for(loaded, registry, settings, max_adapters=len(folders) + 1)
+    refs = [e.ref for e in entries]
+    ids = [row[m.bool()].tolist() for row, m in zip(input_ids, mask, strict=True)]
+
+    def runtime_run(adapters: list[str]) -> Callable[[], float]:
+        return runtime_timer(rt, ids, adapters, plan.new_tokens, settings.device)
+
+    b = plan.batch
+    variants.add(f"runtime/K=1/B={b}", b, runtime_run([refs[0]] * b))
+    for k in plan.ks:
+        variants.add(f"runtime/K={k}/B={b}", b, runtime_run(spread(refs, b, k)))
+    if plan.single:
+        variants.add("runtime/K=1/B=1", 1, runtime_run([refs[0]]))
+
+
+def _add_peft_mixed(
+    variants: _Variants, plan: _Plan, device: str, peft_model, folders, input_ids, mask
+) -> None:
+    """PEFT's mixed batch (`adapter_names=`) over each K, on the reference decode loop."""
     names = [f.name for f in folders]
-    # PEFT wraps the modules it adapts in place: it gets its own copy of the base
-    peft_model = peft_with_adapters(bench_loaded(settings).model, folders)
-    input_ids, mask = prompts(tokenizer, batch, prompt_len, device, seed=settings.seed)
-    alone = input_ids[:1, mask[0].bool()], mask[:1, mask[0].bool()]
-    shapes = {batch: (input_ids, mask), 1: alone}
-    variants: dict[str, Callable[[], float]] = {}
-    rows_of: dict[str, int] = {}
-
-    def add(name: str, rows: int, fn: Callable[[], float]) -> None:
-        variants[name], rows_of[name] = fn, rows
-
-    rt, entries = None, []
-    if runtime:
-        registry = Registry(settings.workdir / "home")
-        entries = register_adapters(registry, loaded, folders)
-        rt = runtime_for(loaded, registry, settings, max_adapters=len(folders) + 1)
-        refs = [e.ref for e in entries]
-        ids = [row[m.bool()].tolist() for row, m in zip(input_ids, mask, strict=True)]
-
-        def runtime_run(adapters: list[str]):
-            from adaptory.adapters.serving.runtime import GenerationRequest
-
-            requests = [
-                GenerationRequest(prompt_ids=ids[i], adapter=a, max_new_tokens=new_tokens)
-                for i, a in enumerate(adapters)
-            ]
-            expected = len(requests) * new_tokens
-            count = {"tokens": expected}
-
-            def run():
-                results = rt.generate(requests)
-                count["tokens"] = sum(r.completion_tokens for r in results)
-
-            # rows that stop early at eos did less work: scale to the same token count
-            return lambda: timed(run, device) * expected / max(1, count["tokens"])
-
-        add(f"runtime/K=1/B={batch}", batch, runtime_run([refs[0]] * batch))
-        for k in ks:
-            add(f"runtime/K={k}/B={batch}", batch, runtime_run(spread(refs, batch, k)))
-        if single:
-            add("runtime/K=1/B=1", 1, runtime_run([refs[0]]))
-
-    for k in ks:
-        rows = spread(names, batch, k)
-        add(
-            f"peft_mixed/K={k}/B={batch}",
-            batch,
+    for k in plan.ks:
+        rows = spread(names, plan.batch, k)
+        variants.add(
+            f"peft_mixed/K={k}/B={plan.batch}",
+            plan.batch,
             lambda rows=rows: timed(
-                lambda: greedy_decode(peft_model, input_ids, mask, new_tokens, adapter_names=rows),
+                lambda: greedy_decode(
+                    peft_model, input_ids, mask, plan.new_tokens, adapter_names=rows
+                ),
                 device,
             ),
         )
 
-    def hf_run(rows: int, **options):
+
+def _hf_runner(plan: _Plan, device: str, model, input_ids, mask):
+    """hf_run(rows, **options): a variant timing transformers' `generate` of the batch (or of
+    its first request alone), scaled to the same token count when rows stop early at eos."""
+    first = mask[0].bool()
+    shapes = {plan.batch: (input_ids, mask), 1: (input_ids[:1, first], mask[:1, first])}
+
+    def hf_run(rows: int, **options) -> Callable[[], float]:
         ids_, mask_ = shapes[rows]
-        expected = ids_.shape[0] * new_tokens
+        expected = ids_.shape[0] * plan.new_tokens
 
         def run() -> float:
             holder = {}
             seconds = timed(
                 lambda: holder.setdefault(
-                    "n", hf_generate(model, ids_, mask_, new_tokens, **options).numel()
+                    "n", hf_generate(model, ids_, mask_, plan.new_tokens, **options).numel()
                 ),
                 device,
             )
@@ -147,88 +239,95 @@ def bench_serve(
 
         return run
 
-    sizes = [batch, 1] if single else [batch]
-    for rows in sizes:
-        add(f"hf_generate/B={rows}", rows, hf_run(rows))
+    return hf_run
 
-    bank = None
-    if diagnostics:
-        from adaptory.adapters.serving.lora_bank import LoraBank
 
-        bank = LoraBank(model)
-        for folder in folders:
-            bank.add(folder.name, *read_adapter(folder))
+def _add_diagnostics(
+    variants: _Variants, plan: _Plan, device: str, model, peft_model, folders, input_ids, mask
+):
+    """The decode loop on the plain base and through a LoraBank (K=1 and each K), and PEFT with
+    one adapter or swapping per group of rows; returns the bank (closed after timing)."""
+    import torch
 
-        def bank_run(rows):
-            def run():
-                with bank.rows(rows):
-                    greedy_decode(model, input_ids, mask, new_tokens)
+    from adaptory.adapters.serving.lora_bank import LoraBank
 
-            return lambda: timed(run, device)
+    names = [f.name for f in folders]
+    new_tokens = plan.new_tokens
+    bank = LoraBank(model)
+    for folder in folders:
+        bank.add(folder.name, *read_adapter(folder))
 
-        def peft_single(name):
-            def run():
+    def bank_run(rows):
+        def run():
+            with bank.rows(rows):
+                greedy_decode(model, input_ids, mask, new_tokens)
+
+        return lambda: timed(run, device)
+
+    def peft_single(name):
+        def run():
+            peft_model.set_adapter(name)
+            greedy_decode(peft_model, input_ids, mask, new_tokens)
+
+        return lambda: timed(run, device)
+
+    def peft_groups(rows):
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(rows):
+            groups.setdefault(name, []).append(i)
+        index = {n: torch.tensor(r, device=device) for n, r in groups.items()}
+
+        def run():
+            for name, part in index.items():
                 peft_model.set_adapter(name)
-                greedy_decode(peft_model, input_ids, mask, new_tokens)
+                greedy_decode(peft_model, input_ids[part], mask[part], new_tokens)
 
-            return lambda: timed(run, device)
+        return lambda: timed(run, device)
 
-        def peft_groups(rows):
-            groups: dict[str, list[int]] = {}
-            for i, name in enumerate(rows):
-                groups.setdefault(name, []).append(i)
-            index = {n: torch.tensor(r, device=device) for n, r in groups.items()}
+    batch = plan.batch
+    variants.add(f"base/B={batch}", batch, bank_run([None] * batch))
+    variants.add(f"bank/K=1/B={batch}", batch, bank_run([names[0]] * batch))
+    variants.add(f"peft_single/K=1/B={batch}", batch, peft_single(names[0]))
+    for k in plan.ks:
+        rows = spread(names, batch, k)
+        variants.add(f"bank/K={k}/B={batch}", batch, bank_run(rows))
+        variants.add(f"peft_groups/K={k}/B={batch}", batch, peft_groups(rows))
+    return bank
 
-            def run():
-                for name, part in index.items():
-                    peft_model.set_adapter(name)
-                    greedy_decode(peft_model, input_ids[part], mask[part], new_tokens)
 
-            return lambda: timed(run, device)
-
-        add(f"base/B={batch}", batch, bank_run([None] * batch))
-        add(f"bank/K=1/B={batch}", batch, bank_run([names[0]] * batch))
-        add(f"peft_single/K=1/B={batch}", batch, peft_single(names[0]))
-        for k in ks:
-            rows = spread(names, batch, k)
-            add(f"bank/K={k}/B={batch}", batch, bank_run(rows))
-            add(f"peft_groups/K={k}/B={batch}", batch, peft_groups(rows))
-
-    # last: the compile happens in its warm-up, the slowest and likeliest step to fail
-    if hf_compile:
-        for rows in sizes:
-            add(
-                f"hf_static_compile/B={rows}",
-                rows,
-                hf_run(rows, static=True, compile=True, compile_config=hf_compile_config),
-            )
-
+def _measure(variants: _Variants, settings: BenchSettings, new_tokens: int):
+    """Time the variants interleaved; (results with tokens/s, errors of dropped compiles)."""
     errors: dict[str, str] = {}
-    optional = [n for n in variants if n.startswith("hf_static_compile")]
-    times = interleave(variants, repeats, log=settings.say, optional=optional, errors=errors)
-    results = {}
-    for name, samples in times.items():
-        entry = summary(samples)
-        entry["batch"] = rows_of[name]
-        entry["tokens"] = rows_of[name] * new_tokens
-        entry["tokens_per_s"] = entry["tokens"] / entry["median_s"]
-        results[name] = entry
-    tps = {name: r["tokens_per_s"] for name, r in results.items()}
-    if bank is not None:
-        bank.close()
+    optional = [n for n in variants.run if n.startswith("hf_static_compile")]
+    times = interleave(
+        variants.run, settings.repeats, log=settings.say, optional=optional, errors=errors
+    )
+    results = {
+        name: rated(samples, variants.rows[name] * new_tokens, batch=variants.rows[name])
+        for name, samples in times.items()
+    }
+    return results, errors
 
+
+def _hf_reference(tps: dict[str, float], sizes: list[int]) -> dict[int, str]:
+    """{rows: the faster of transformers' generate variants measured at that batch size}."""
     reference = {}
     for rows in sizes:
         measured = [f"{v}/B={rows}" for v in HF_VARIANTS if f"{v}/B={rows}" in tps]
         if measured:
             reference[rows] = max(measured, key=tps.__getitem__)
+    return reference
+
+
+def _serve_ratios(tps: dict[str, float], plan: _Plan, reference: dict[int, str]) -> dict:
+    """Ratios of tokens/s (of medians) between the variants measured."""
     ratios: dict[str, float] = {}
 
     def put(name: str, value: float | None) -> None:
         if value is not None:
             ratios[name] = value
 
-    b = batch
+    b, ks = plan.batch, plan.ks
     for k in ks:
         put(
             f"runtime K={k} / runtime K=1 (B={b})",
@@ -242,7 +341,7 @@ def bench_serve(
             )
     if f"hf_static_compile/B={b}" in tps:
         put(f"hf static+compile / hf eager (B={b})", ratio(tps, f"hf_static_compile/B={b}", f"hf_generate/B={b}"))  # fmt: skip
-    if diagnostics:
+    if plan.diagnostics:
         for k in ks:
             put(
                 f"bank K={k} / bank K=1 (B={b})", ratio(tps, f"bank/K={k}/B={b}", f"bank/K=1/B={b}")
@@ -252,6 +351,11 @@ def bench_serve(
             put(f"bank K={k} / runtime K={k} (B={b})", ratio(tps, f"bank/K={k}/B={b}", f"runtime/K={k}/B={b}"))  # fmt: skip
         put(f"bank K=1 / base (B={b})", ratio(tps, f"bank/K=1/B={b}", f"base/B={b}"))
         put(f"bank K=1 / peft_single K=1 (B={b})", ratio(tps, f"bank/K=1/B={b}", f"peft_single/K=1/B={b}"))  # fmt: skip
+    return ratios
+
+
+def _serve_targets(tps: dict[str, float], b: int, reference: dict[int, str]) -> dict:
+    """The serving targets at batch `b` (and batch 1), met or missed or not measured."""
 
     def vs_reference(variant: str, rows: int) -> float | None:
         return ratio(tps, variant, reference[rows]) if rows in reference else None
@@ -277,6 +381,11 @@ def bench_serve(
             3.0,
             missing=f"K={k} not measured",
         )
+    return targets
+
+
+def _serve_notes(plan: _Plan, results: dict, model) -> list[str]:
+    """What the figures mean, and why transformers' compiled variant is absent or eager."""
     notes = [
         "tokens/s = rows x new_tokens / wall time of the whole request batch (prefill "
         "included), greedy; the base and adapters are random: ids the tokenizer lacks are "
@@ -288,35 +397,15 @@ def bench_serve(
         "peft_mixed: PEFT's adapter_names= on every forward of the model-level decode loop "
         "(bench.greedy_decode), on its own copy of the base",
     ]
-    if not hf_compile:
+    compiled = any(f"hf_static_compile/B={rows}" in results for rows in plan.sizes)
+    if not plan.hf_compile:
         notes.append(
             "hf_static_compile not measured (transformers compiles generate on accelerators "
             "only; --hf-compile asks for it on the CPU too)"
         )
-    elif any(f"hf_static_compile/B={rows}" in results for rows in sizes) and not hf_compiled(model):
+    elif compiled and not hf_compiled(model):
         notes.append("hf_static_compile: transformers did not compile (static cache, eager)")
-    return {
-        "bench": "serve",
-        "settings": _settings_dict(
-            settings,
-            loaded.source.path,
-            batch=batch,
-            single=single,
-            new_tokens=new_tokens,
-            prompt_len=prompt_len,
-            ks=list(ks),
-            diagnostics=diagnostics,
-            hf_compile=hf_compile,
-            hf_compiled=hf_compiled(model),
-            hf_reference={str(rows): ref for rows, ref in reference.items()},
-            base_name=base_name(loaded),
-        ),
-        "results": results,
-        "ratios": ratios,
-        "targets": targets,
-        "errors": errors,
-        "notes": notes,
-    }
+    return notes
 
 
 def plot_serve(result: dict, out: Path) -> Path:

@@ -14,8 +14,8 @@ from adaptory.adapters.bench.harness import (
     _settings_dict,
     bench_base,
     interleave,
+    rated,
     rss_bytes,
-    summary,
     sync,
     target,
 )
@@ -38,8 +38,7 @@ def bench_train(
     import importlib.util
 
     from adaptory.adapters.bases.loading import load_tokenizer
-    from adaptory.adapters.training.data import collate, load_dataset
-    from adaptory.adapters.training.loop import BatchPlan
+    from adaptory.adapters.training.data import load_dataset
     from adaptory.registry import Registry
 
     quick = settings.quick
@@ -52,17 +51,7 @@ def bench_train(
     dataset = load_dataset(data_file, tokenizer=tokenizer, task="causal-lm", max_length=max_length)
     has_train = importlib.util.find_spec("adaptory.adapters.training.loop") is not None
     registry = Registry(settings.workdir / "home-train")
-    order = BatchPlan(len(dataset), batch_size=batch, grad_accum=1, seed=settings.seed)
-    pad = tokenizer.pad_token_id
-    step_tokens = [  # both loops run these very batches
-        int(
-            collate(
-                [dataset.examples[i] for i in order.step(step)[0]], pad_id=pad, task="causal-lm"
-            )["attention_mask"].sum()
-        )
-        for step in range(steps)
-    ]
-    timed_tokens = sum(step_tokens[1:])
+    timed_tokens = sum(_step_tokens(settings, dataset, tokenizer.pad_token_id, batch, steps)[1:])
     plan = {"batch": batch, "max_length": max_length, "steps": steps}
     memory: dict[str, list[int]] = {}
 
@@ -84,13 +73,39 @@ def bench_train(
         if has_train:
             variants[f"adaptory_train/{quant}"] = variant("adaptory_train", quant)
     times = interleave(variants, settings.repeats, warmup=0, log=settings.say)
-    results = {}
-    for name, samples in times.items():
-        entry = summary(samples)
-        entry["tokens"] = timed_tokens
-        entry["tokens_per_s"] = timed_tokens / entry["median_s"]
-        entry["peak_bytes"] = int(statistics.median(memory[name]))
-        results[name] = entry
+    results = {
+        name: {**rated(samples, timed_tokens), "peak_bytes": int(statistics.median(memory[name]))}
+        for name, samples in times.items()
+    }
+    ratios, targets = _train_comparisons(results, has_train)
+    return {
+        "bench": "train",
+        "settings": _settings_dict(settings, base_dir, **plan),
+        "results": results,
+        "ratios": ratios,
+        "targets": targets,
+        "notes": _train_notes(settings, plan, data_file, has_train),
+    }
+
+
+def _step_tokens(settings: BenchSettings, dataset, pad: int, batch: int, steps: int) -> list[int]:
+    """The non-pad tokens of each step's batch: both loops run these very batches."""
+    from adaptory.adapters.training.data import collate
+    from adaptory.adapters.training.loop import BatchPlan
+
+    order = BatchPlan(len(dataset), batch_size=batch, grad_accum=1, seed=settings.seed)
+    return [
+        int(
+            collate(
+                [dataset.examples[i] for i in order.step(step)[0]], pad_id=pad, task="causal-lm"
+            )["attention_mask"].sum()
+        )
+        for step in range(steps)
+    ]
+
+
+def _train_comparisons(results: dict, has_train: bool) -> tuple[dict, dict]:
+    """Ratios (4-bit against unquantized, adaptory train against the plain loop) and targets."""
     tps = {name: r["tokens_per_s"] for name, r in results.items()}
     ratios = {
         "plain nf4 / none tokens/s": tps["plain_peft/nf4"] / tps["plain_peft/none"],
@@ -106,6 +121,11 @@ def bench_train(
         targets[f"adaptory train <= 5% slower than a plain loop ({quant})"] = target(
             slower, "<=", 1.05, missing="adaptory train is not in this build"
         )
+    return ratios, targets
+
+
+def _train_notes(settings: BenchSettings, plan: dict, data_file: Path, has_train: bool):
+    batch, max_length, steps = plan["batch"], plan["max_length"], plan["steps"]
     rank, names = settings.rank, ", ".join(settings.targets)
     notes = [
         f"{steps} optimizer steps of {batch} rows (<= {max_length} tokens, right-padded) from "
@@ -120,14 +140,7 @@ def bench_train(
     ]
     if not has_train:
         notes.append("adapters/training/loop.py does not exist: `adaptory train` was not measured")
-    return {
-        "bench": "train",
-        "settings": _settings_dict(settings, base_dir, **plan),
-        "results": results,
-        "ratios": ratios,
-        "targets": targets,
-        "notes": notes,
-    }
+    return notes
 
 
 def _train_data(workdir: Path, rows: int) -> Path:

@@ -14,6 +14,9 @@ as PEFT numbers them (the prompt starts at position num_virtual_tokens).
 
 A row that cannot go on (non-finite logits from broken weights, a failing callback) ends alone
 with its error; the others are unaffected.
+
+Kept as one module (~520 lines): DecodeBatch and the per-token helpers it steps with share one
+row model.
 """
 
 from __future__ import annotations

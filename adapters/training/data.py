@@ -8,6 +8,8 @@ Every problem is found before training starts and raised as one DataError naming
 - `chat`               {"messages": [{role, content}]} causal LM via the tokenizer's chat
                        template, loss on the assistant turns only
 - `classification`     {"text", "label"}             sequence classification (str or int labels)
+
+Kept as one module (~520 lines): reading, validating and tokenizing share one row-numbered error.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ CLI over it and `accelerate launch` runs the same loop on several devices. With 
 reproducible on the CPU (identical adapter bytes), and a run resumed from a checkpoint ends with
 the same adapter as an uninterrupted one: batches come from a per-epoch seeded permutation, and a
 checkpoint (checkpoints.py) holds the adapter, optimizer, scheduler, RNG state and step.
+Kept as one module (~900 lines): the recipe reads top to bottom in the order a run takes it.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ sentence (or template) lands either in train or in eval, never in both, so eval 
 wordings, not train rows with a different product name. The quality-bar files for the reviews
 domain (quality_train.jsonl / quality_heldout.jsonl) are fixed hand-written lists, not templates.
 Ends with a self-check: JSON parses, fields, balance, no train/eval overlap or near-duplicates.
+Kept as one file (~1,090 lines, mostly the hand-written sentences): data and script travel together.
 """
 
 from __future__ import annotations

@@ -132,12 +132,12 @@ def test_transformers_generate_paths_give_the_reference_greedy_tokens(tmp_path, 
     assert getattr(model, "hf_quantizer", None) is not None  # loaded by transformers, 4-bit
     assert torch.equal(bench.hf_generate(model, ids, mask, 5), reference)
     assert torch.equal(bench.hf_generate(model, ids, mask, 5, static=True), reference)
-    assert not bench.harness.hf_compiled(model)
+    assert not bench.workload.hf_compiled(model)
     config = CompileConfig(backend="eager", fullgraph=False)
     config._compile_all_devices = True
     compiled = bench.hf_generate(model, ids, mask, 5, static=True, compile=True,
                                  compile_config=config)  # fmt: skip
-    assert bench.harness.hf_compiled(model)  # transformers took its compiled path
+    assert bench.workload.hf_compiled(model)  # transformers took its compiled path
     assert torch.equal(compiled, reference)
     assert model.hf_quantizer is not None  # put back
 
