@@ -50,6 +50,19 @@ Exit codes: 0 ok · 1 failed (or `verify` found damage) · 2 bad input or usage 
 6 storage (disk full, read-only home) · 130 interrupted."""
 
 
+def console(*, stderr: bool = False) -> Console:
+    """A console for user text (no markup). In a pipe or a log (no terminal, COLUMNS unset)
+    Rich would lay tables out in 80 columns and cut cells to "accur…"; there they get room for
+    their natural width instead."""
+    out = Console(stderr=stderr, soft_wrap=True, markup=False)
+    if not out.is_terminal and "COLUMNS" not in os.environ:
+        out.width = PIPE_WIDTH
+    return out
+
+
+PIPE_WIDTH = 240
+
+
 @dataclass
 class App:
     """What every subcommand receives: the chosen home, output consoles and the registry."""
@@ -58,8 +71,8 @@ class App:
     debug: bool = False
     # markup=False: names, paths, labels and messages are user text, never Rich markup (a name
     # containing "[/]" would crash the printer); styles are given explicitly with `styled`.
-    out: Console = field(default_factory=lambda: Console(soft_wrap=True, markup=False))
-    err: Console = field(default_factory=lambda: Console(stderr=True, soft_wrap=True, markup=False))
+    out: Console = field(default_factory=lambda: console())
+    err: Console = field(default_factory=lambda: console(stderr=True))
 
     @cached_property
     def home(self) -> Path:
@@ -107,7 +120,7 @@ class LazyGroup(click.Group):
             app = ctx.find_object(App)
             if app is not None and app.debug:
                 raise
-            render_error(Console(stderr=True, soft_wrap=True, markup=False), exc)
+            render_error(console(stderr=True), exc)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             Console(stderr=True, markup=False).print(styled(("interrupted", "red")))

@@ -123,12 +123,6 @@ def list_cmd(app: App, base: str | None, task: str | None, tag: str | None, as_j
         app.out.print(message, highlight=False)
         return
     table = entries_table(entries)
-    if not app.out.is_terminal:
-        # In a pipe or a log Rich would squeeze the table into 80 columns and cut cells to
-        # "accur…": there it gets its natural width. A narrow terminal shrinks the free-text
-        # columns (method, task, base, tags, created) first.
-        natural = app.out.measure(table, options=app.out.options.update(width=10_000)).maximum
-        app.out.width = max(app.out.width, natural)
     app.out.print(table)
 
 

@@ -318,8 +318,9 @@ def test_round_trip_real_tiny_llama_import_export_gives_identical_logits(run, tm
     )
 
 
-def test_list_in_a_pipe_shows_every_cell_whole(run, home, tmp_path):
+def test_list_in_a_pipe_shows_every_cell_whole(run, home, tmp_path, monkeypatch):
     """Piped or logged, `list` is not squeezed into 80 columns: no cell is cut to "accur…"."""
+    monkeypatch.delenv("COLUMNS", raising=False)
     Registry(home).add(
         make_lora_folder(tmp_path / "src"),
         name="support-classifier-long-name",
