@@ -10,6 +10,8 @@ Classification runs in bounded chunks (at most `classify_rows` rows and `classif
 padded tokens per encoder pass), one chunk per turn of the loop, taken round-robin from the
 waiting requests: a 200-text request cannot hold up a one-text request for more than a chunk.
 
+Several bases on one device take turns (`Turns`): one unit of work each, first come first served.
+
 Events reach asyncio through `loop.call_soon_threadsafe`; torch releases the GIL while it
 computes, so the event loop keeps serving. `stop()` refuses new work and drains the rest.
 """
@@ -22,6 +24,7 @@ import queue
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +33,46 @@ from adaptory.adapters.serving.runtime import Runtime
 from adaptory.registry.errors import AdaptoryError
 
 log = logging.getLogger("adaptory.serving")
+
+
+class Turns:
+    """First come, first served turns on one device for the schedulers of several bases.
+
+    Each base has its own worker thread; without turns, a classifier's encoder passes and a
+    causal base's decode steps run at once and fight over the cores (on the CPU, two torch
+    thread pools on the same cores stall each other) or queue behind each other on the GPU
+    in no set order. With turns, a worker computes one unit of work (admissions, one classify
+    chunk, one decode step) and then waits behind every worker already waiting, so a decode
+    step waits for at most one unit of each other base's work.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next = 0  # the next ticket to hand out
+        self._serving = 0  # the ticket whose turn it is
+
+    @contextmanager
+    def turn(self):
+        with self._cond:
+            ticket, self._next = self._next, self._next + 1
+            while ticket != self._serving:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._serving += 1
+                self._cond.notify_all()
+
+
+_TURNS: dict[str, Turns] = {}
+_TURNS_LOCK = threading.Lock()
+
+
+def device_turns(device) -> Turns:
+    """The turns shared by every scheduler computing on `device` in this process."""
+    with _TURNS_LOCK:
+        return _TURNS.setdefault(str(device), Turns())
 
 
 class SchedulerClosed(AdaptoryError):
@@ -80,6 +123,7 @@ class Scheduler:
         self.window_s = max(0.0, window_s)
         self.classify_rows = max(1, classify_rows)
         self.classify_tokens = max(1, classify_tokens)
+        self.turns = device_turns(runtime.base.device)
         self.inbox: queue.Queue[Job | None] = queue.Queue()
         self.batch = self._new_batch(length)
         self.jobs: dict[int, Job] = {}  # id(row) -> job
@@ -165,16 +209,19 @@ class Scheduler:
                     continue
                 waiting.append(job)
                 room -= 1
+            if not (waiting or self.batch.active or self.classifying):
+                continue
             try:
-                self._queue_classify([j for j in waiting if j.classify is not None])
-                self._admit([j for j in waiting if j.generation is not None])
-                self._drop_cancelled()
-                self._classify_chunk()
-                if self.batch.active:
-                    self.steps += 1
-                    self.batch_rows += self.batch.active
-                    for row in self.batch.step():
-                        self._finish(row)
+                with self.turns.turn():  # one unit of work, then the other bases' schedulers
+                    self._queue_classify([j for j in waiting if j.classify is not None])
+                    self._admit([j for j in waiting if j.generation is not None])
+                    self._drop_cancelled()
+                    self._classify_chunk()
+                    if self.batch.active:
+                        self.steps += 1
+                        self.batch_rows += self.batch.active
+                        for row in self.batch.step():
+                            self._finish(row)
             except Exception as exc:  # a bug, not a bad request: fail what is running, go on
                 for row in list(self.batch.rows):
                     job = self.jobs.pop(id(row), None)
