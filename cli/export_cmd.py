@@ -87,5 +87,13 @@ def export_cmd(
     from adaptory.registry.export import export_peft
 
     entry = app.registry.resolve(ref)
-    path = export_peft(app.registry, entry, out, force=force)
+    path = export_peft(app.registry, entry, out, force=force, base_hub_id=_hub_id(entry))
     app.out.print(f"exported {entry.ref} to {path}", highlight=False)
+
+
+def _hub_id(entry) -> str | None:
+    """The Hub id of a built-in base (`minilm` → sentence-transformers/all-MiniLM-L6-v2)."""
+    from adaptory.adapters.bases.loading import BUILTIN_BASES
+
+    builtin = BUILTIN_BASES.get(entry.base_model or "")
+    return builtin.hub_id if builtin else None

@@ -66,7 +66,10 @@ def export_merged_cmd(app: App, ref, out: Path, force, dtype, from_weights, as_j
         after = result.metrics["merged"]
         shown = ", ".join(f"{k} {before[k]:.4g} → {after[k]:.4g}" for k in before if k in after)
         app.out.print(f"eval ({result.metrics['data']}): adapter on 4-bit base → merged: {shown}")
-    app.out.print("load it with: AutoModelForCausalLM.from_pretrained(path)", highlight=False)
+    auto = (
+        "AutoModelForSequenceClassification" if entry.task == "seq-cls" else "AutoModelForCausalLM"
+    )
+    app.out.print(f"load it with: {auto}.from_pretrained(path)", highlight=False)
 
 
 def export_vllm_cmd(app: App, ref, out: Path, force, all_of_base, base, as_json) -> None:

@@ -14,11 +14,24 @@ from adaptory.registry.registry import Registry
 CARD_FILE = "README.md"
 
 
-def export_peft(registry: Registry, entry: Entry, out: Path, *, force: bool = False) -> Path:
-    """Write the entry's verified files plus a README.md model card into `out`; return `out`.
+LABELS_FILE = "labels.json"
 
-    An existing non-empty `out` is refused unless `force`; with `force` the adapter's files are
-    overwritten and other files in `out` are left alone.
+
+def export_peft(
+    registry: Registry,
+    entry: Entry,
+    out: Path,
+    *,
+    force: bool = False,
+    base_hub_id: str | None = None,
+) -> Path:
+    """Write the entry's verified files plus a README.md model card into `out`; return `out`.
+    A classifier also gets labels.json (id2label and label2id, in the head's order).
+
+    `base_hub_id` is the Hub id of the base when the entry names it by a local name (the
+    built-in `minilm`): the card's `base_model` must be an id others can load. An existing
+    non-empty `out` is refused unless `force`; with `force` the adapter's files are overwritten
+    and other files in `out` are left alone.
     """
     out = Path(out)
     _check_target(out, force)
@@ -31,7 +44,17 @@ def export_peft(registry: Registry, entry: Entry, out: Path, *, force: bool = Fa
         for name in sorted(entry.files):
             if name != CARD_FILE:
                 _copy_writable(blob / name, out / name)
-        (out / CARD_FILE).write_text(model_card(entry, original_card), encoding="utf-8")
+        (out / CARD_FILE).write_text(
+            model_card(entry, original_card, base_hub_id=base_hub_id), encoding="utf-8"
+        )
+        labels = entry_labels(entry)
+        if labels:
+            label_map = {
+                "id2label": {str(i): label for i, label in enumerate(labels)},
+                "label2id": {label: i for i, label in enumerate(labels)},
+            }
+            (out / LABELS_FILE).write_text(json.dumps(label_map, indent=2) + "\n", encoding="utf-8")
+            os.chmod(out / LABELS_FILE, 0o644)
     except OSError as exc:
         raise StorageError(f"writing {out} failed: {exc.strerror or exc}") from exc
     return out
@@ -61,11 +84,20 @@ def card_tags(entry: Entry) -> list[str]:
     return list(dict.fromkeys(t for t in tags if t))
 
 
-def model_card(entry: Entry, original: str | None = None) -> str:
+def entry_labels(entry: Entry) -> list[str] | None:
+    """A classifier's class names in the order of its head's outputs, if it records them."""
+    labels = (entry.extra or {}).get("labels")
+    if entry.task == "seq-cls" and isinstance(labels, list) and labels:
+        return [str(label) for label in labels]
+    return None
+
+
+def model_card(entry: Entry, original: str | None = None, *, base_hub_id: str | None = None) -> str:
     """A Hugging Face style README.md: YAML front matter, then what the entry records."""
     front = ["---"]
-    if entry.base_model:
-        front.append(f"base_model: {json.dumps(entry.base_model)}")
+    base_id = base_hub_id or entry.base_model
+    if base_id:
+        front.append(f"base_model: {json.dumps(base_id)}")
     front.append("library_name: peft")
     front.append("tags:")
     front += [f"- {json.dumps(tag)}" for tag in card_tags(entry)]
@@ -80,7 +112,8 @@ def model_card(entry: Entry, original: str | None = None) -> str:
         f"- reference: `{entry.ref}`",
         f"- digest: `sha256:{entry.digest}`",
         f"- method: {entry.method or 'unknown'}; task: {entry.task or 'unknown'}",
-        f"- base model: {entry.base_model or 'unknown'}",
+        f"- base model: {entry.base_model or 'unknown'}"
+        + (f" (`{base_hub_id}`)" if base_hub_id and base_hub_id != entry.base_model else ""),
         f"- created: {entry.created_at}",
     ]
     body += _section("Metrics", _metric_lines(entry.metrics))
@@ -90,18 +123,48 @@ def model_card(entry: Entry, original: str | None = None) -> str:
     body += _section("Loss", loss_summary_lines(entry.loss_history))
     body += _section("Dataset", [f"- {k}: {_short(v)}" for k, v in sorted(entry.dataset.items())])
     body += _section("Lineage", [f"- {_short(parent)}" for parent in entry.parents])
-    body += _section(
-        "Usage",
-        [
-            "```python",
-            "from peft import PeftModel",
-            "model = PeftModel.from_pretrained(base_model, path_to_this_folder)",
-            "```",
-        ],
-    )
+    labels = entry_labels(entry)
+    if labels:
+        body += _section("Labels", [f"- {i}: {label}" for i, label in enumerate(labels)])
+    body += _section("Usage", _usage(entry, base_id, labels))
     if original:
         body += _section("Original README", [_strip_front_matter(original).strip()])
     return "\n".join(front + body) + "\n"
+
+
+def _usage(entry: Entry, base_id: str | None, labels: list[str] | None) -> list[str]:
+    base = json.dumps(base_id or "BASE_MODEL")
+    if entry.task == "seq-cls":
+        lines = [
+            "```python",
+            "import json",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForSequenceClassification",
+            "",
+            f'labels = json.load(open("{LABELS_FILE}"))' if labels else "labels = None",
+            "base_model = AutoModelForSequenceClassification.from_pretrained(",
+            f"    {base},",
+        ]
+        if labels:
+            lines += [
+                f"    num_labels={len(labels)},",
+                '    id2label={int(i): l for i, l in labels["id2label"].items()},',
+                '    label2id=labels["label2id"],',
+            ]
+        return lines + [
+            ")",
+            "model = PeftModel.from_pretrained(base_model, path_to_this_folder)",
+            "```",
+        ]
+    return [
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f"base_model = AutoModelForCausalLM.from_pretrained({base})",
+        "model = PeftModel.from_pretrained(base_model, path_to_this_folder)",
+        "```",
+    ]
 
 
 def loss_summary(loss_history: list) -> dict | None:

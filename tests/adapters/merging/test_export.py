@@ -109,3 +109,79 @@ def test_dora_is_refused_by_vllm_export(registry, tiny_llama_dir, tmp_path):
     with pytest.raises(ConfigError, match="DoRA"):
         export_vllm(registry, [registry.resolve("d")], tmp_path / "v")
     assert not (tmp_path / "v").exists()
+
+
+def test_peft_export_of_a_classifier_carries_its_label_map(registry, tiny_bert_dir, tmp_path):
+    """The exported folder says which output is which class, in a file and in the card, and the
+    card's recipe (labels.json + PeftModel) gives the adapter's own predictions by name."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from adaptory.registry.export import export_peft
+
+    labels = ["billing", "shipping", "refund"]
+    entry = register_lora(
+        registry, tiny_bert_dir, "c", task="seq-cls", labels=labels, targets=["query", "value"]
+    )
+    out = export_peft(registry, entry, tmp_path / "c")
+    label_map = json.loads((out / "labels.json").read_text())
+    assert label_map == {
+        "id2label": {"0": "billing", "1": "shipping", "2": "refund"},
+        "label2id": {"billing": 0, "shipping": 1, "refund": 2},
+    }
+    card = (out / "README.md").read_text()
+    assert "## Labels\n\n- 0: billing\n- 1: shipping\n- 2: refund" in card
+    assert "AutoModelForSequenceClassification" in card and "AutoModelForCausalLM" not in card
+
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tiny_bert_dir,
+        num_labels=3,
+        id2label={int(i): label for i, label in label_map["id2label"].items()},
+        label2id=label_map["label2id"],
+    )
+    model = PeftModel.from_pretrained(base, out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    texts = ["the parcel never came", "charged twice", "money back please"]
+    with torch.no_grad():
+        logits = model(**tokenizer(texts, return_tensors="pt", padding=True)).logits
+    named = [model.config.id2label[int(i)] for i in logits.argmax(-1)]
+
+    from adaptory.adapters.serving.runtime import Runtime
+
+    runtime = Runtime(str(tiny_bert_dir), registry=registry, task="seq-cls", quant="none")
+    served = [r["label"] for r in runtime.classify(entry.ref, texts)]
+    assert named == served
+
+
+def test_the_card_of_an_adapter_for_a_builtin_base_names_its_hub_id(tmp_path):
+    """`minilm` is Adaptory's name; the card's base_model must be an id others can load."""
+    from click.testing import CliRunner
+
+    from adaptory.cli.main import cli
+    from adaptory.registry.testing import make_lora_folder
+
+    home = tmp_path / "home"
+    Registry(home).add(make_lora_folder(tmp_path / "src"), name="m", base_model="minilm")
+    result = CliRunner().invoke(
+        cli, ["--home", str(home), "export", "m", "--out", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 0, result.output
+    card = (tmp_path / "x" / "README.md").read_text()
+    assert 'base_model: "sentence-transformers/all-MiniLM-L6-v2"' in card
+    assert "- base model: minilm (`sentence-transformers/all-MiniLM-L6-v2`)" in card
+
+
+def test_merged_export_of_a_classifier_says_how_to_load_a_classifier(tiny_bert_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from adaptory.cli.main import cli
+
+    home = tmp_path / "home"
+    register_lora(Registry(home), tiny_bert_dir, "c", task="seq-cls", labels=["a", "b"],
+                  targets=["query"])  # fmt: skip
+    out = tmp_path / "merged"
+    args = ["--home", str(home), "export", "c", "--merged", "--out", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "load it with: AutoModelForSequenceClassification.from_pretrained(path)" in result.output
+    assert "AutoModelForCausalLM" not in result.output
