@@ -60,8 +60,17 @@ def _metric_line(metrics: dict, task: str) -> str:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["text", "prompt-completion", "chat", "classification"]),
+    type=click.Choice(
+        ["text", "prompt-completion", "chat", "classification", "alpaca", "sharegpt"]
+    ),
     help="Data format. Default: detected from the columns.",
+)
+@click.option(
+    "--columns",
+    metavar="NAME=COLUMN,...",
+    help="Which of your columns holds each one the format reads, e.g. "
+    "text=sentence,label=priority (names: text, label, prompt, completion, messages, "
+    "instruction, input, output, conversations).",
 )
 @click.option(
     "--quant", type=click.Choice(["nf4", "fp4", "int8", "none"]), help="Base quantization. [nf4]"
@@ -154,14 +163,21 @@ def train_cmd(app: App, config_file, as_json, fmt, tags, **options) -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["text", "prompt-completion", "chat", "classification"]),
+    type=click.Choice(
+        ["text", "prompt-completion", "chat", "classification", "alpaca", "sharegpt"]
+    ),
     help="Data format. Default: detected from the columns.",
+)
+@click.option(
+    "--columns",
+    metavar="NAME=COLUMN,...",
+    help="Which of your columns holds each one the format reads (as for train).",
 )
 @click.option("--limit", type=int, help="Only the first N rows.")
 @click.option("--no-record", is_flag=True, help="Do not store the result with the entry.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @pass_app
-def eval_cmd(app: App, ref, data, fmt, limit, no_record, as_json) -> None:
+def eval_cmd(app: App, ref, data, fmt, columns, limit, no_record, as_json) -> None:
     """Evaluate adapter REF on a data file; the result is stored under metrics.evals."""
     from adaptory.adapters.training.evaluate import evaluate_entry
 
@@ -169,8 +185,9 @@ def eval_cmd(app: App, ref, data, fmt, limit, no_record, as_json) -> None:
     status = app.err.status(f"evaluating {entry.ref} on {data.name}")
     with status if not as_json else contextlib.nullcontext():
         metrics = evaluate_entry(
-            app.registry, entry.ref, data, fmt=fmt, record=not no_record, limit=limit
-        )
+            app.registry, entry.ref, data, fmt=fmt, record=not no_record, limit=limit,
+            columns=columns,
+        )  # fmt: skip
     if as_json:
         app.out.print_json(json.dumps({"ref": entry.ref, "data": str(data), "metrics": metrics}))
         return

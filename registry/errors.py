@@ -55,7 +55,7 @@ class DataError(BadInput):
         prefix = f"{where}: " if where else ""
         suffix = f" (field '{field}')" if field else ""
         super().__init__(f"{prefix}{message}{suffix}", hint=hint)
-        self.file, self.line, self.field = file, line, field
+        self.file, self.line, self.field, self.detail = file, line, field, message
 
 
 class ConfigError(BadInput):

@@ -26,7 +26,7 @@ from typing import Any
 
 from adaptory.registry.errors import ConfigError, DataError
 
-FORMATS = ("text", "prompt-completion", "chat", "classification")
+FORMATS = ("text", "prompt-completion", "chat", "classification", "alpaca", "sharegpt")
 FORMAT_ALIASES = {
     "messages": "chat",
     "prompt_completion": "prompt-completion",
@@ -37,7 +37,14 @@ FORMAT_TASK = {
     "prompt-completion": "causal-lm",
     "chat": "causal-lm",
     "classification": "seq-cls",
+    "alpaca": "causal-lm",  # instruction (+ input) -> output, trained as a two-turn chat
+    "sharegpt": "causal-lm",  # conversations of {from, value}, trained as a chat
 }
+# The columns each format reads; --columns maps them to a file's own names.
+COLUMNS = ("text", "label", "prompt", "completion", "messages", "instruction", "input", "output",
+           "conversations")  # fmt: skip
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "tool": "tool"}  # fmt: skip
 ROLES = ("system", "user", "assistant", "tool")
 IGNORE = -100
 # Bumped when tokenization or masking changes, so dataset fingerprints never silently collide.
@@ -209,12 +216,67 @@ def normalize_format(fmt: str | None) -> str | None:
     return fmt
 
 
+def parse_columns(spec: str | dict | None) -> dict[str, str] | None:
+    """`text=sentence,label=priority` (or a TOML table) -> {"text": "sentence", ...}: which of
+    the file's columns holds each column a format reads."""
+    if spec is None or spec == {}:
+        return None
+    if isinstance(spec, str):
+        pairs = [part.split("=", 1) for part in spec.split(",") if part.strip()]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ConfigError(
+                f"--columns '{spec}' is not a list of NAME=COLUMN",
+                hint="e.g. --columns text=sentence,label=priority",
+            )
+        spec = {name.strip(): column.strip() for name, column in pairs}
+    if not isinstance(spec, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in spec.items()
+    ):
+        raise ConfigError('columns must map names to column names, e.g. {text = "sentence"}')
+    unknown = sorted(set(spec) - set(COLUMNS))
+    if unknown:
+        raise ConfigError(
+            f"--columns names {', '.join(unknown)}, which no format reads",
+            hint=f"map any of: {', '.join(COLUMNS)}",
+        )
+    return dict(spec)
+
+
+def map_columns(
+    rows: list[tuple[int, dict]], columns: dict[str, str] | None, path: Path
+) -> list[tuple[int, dict]]:
+    """Rows with the file's columns renamed as `columns` says (name -> the file's column)."""
+    if not columns:
+        return rows
+    line, first = rows[0]
+    for name, column in columns.items():
+        if column not in first:
+            raise DataError(
+                f"no column '{column}' (given for '{name}' by --columns); "
+                f"the columns are {sorted(first)}",
+                file=path,
+                line=line,
+                field=column,
+            )
+    replaced = set(columns) | set(columns.values())  # a mapped column wins over a namesake
+    renamed = []
+    for line, row in rows:
+        new = {k: v for k, v in row.items() if k not in replaced}
+        new.update({name: row[column] for name, column in columns.items() if column in row})
+        renamed.append((line, new))
+    return renamed
+
+
 def detect_format(rows: list[tuple[int, dict]], path: Path, task: str | None = None) -> str:
     """The format the columns of the first row say (a `task` of causal-lm ignores labels)."""
     line, first = rows[0]
     columns = set(first)
     if "messages" in columns:
         return "chat"
+    if "conversations" in columns:
+        return "sharegpt"
+    if "instruction" in columns and "output" in columns:
+        return "alpaca"
     if "prompt" in columns or "completion" in columns:
         return "prompt-completion"
     if "text" in columns:
@@ -225,16 +287,19 @@ def detect_format(rows: list[tuple[int, dict]], path: Path, task: str | None = N
         f"cannot tell the data format from the columns {sorted(columns)}",
         file=path,
         line=line,
-        hint="rows need 'text', 'text'+'label', 'prompt'+'completion' or 'messages' "
-        "(or pass --format)",
+        hint="rows need 'text', 'text'+'label', 'prompt'+'completion', 'messages', "
+        "'instruction'+'output' (alpaca) or 'conversations' (sharegpt); name your columns "
+        "with --columns, e.g. --columns text=sentence,label=priority",
     )
 
 
-def peek_format(path: Path, fmt: str | None = None, task: str | None = None) -> tuple[str, str]:
+def peek_format(
+    path: Path, fmt: str | None = None, task: str | None = None, columns: dict | None = None
+) -> tuple[str, str]:
     """(format, task) of a data file, for choosing the task before the base is loaded."""
     fmt = normalize_format(fmt)
     if fmt is None:
-        fmt = detect_format(read_rows(path), Path(path), task)
+        fmt = detect_format(map_columns(read_rows(path), columns, Path(path)), Path(path), task)
     return fmt, task or FORMAT_TASK[fmt]
 
 
@@ -303,6 +368,61 @@ def _messages(row: dict, path: Path, line: int) -> list[dict]:
             "no assistant message to learn from", file=path, line=line, field="messages"
         )
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _alpaca_messages(row: dict, path: Path, line: int) -> list[dict]:
+    """An alpaca row as a two-turn chat: the instruction (and its input, when not empty) from
+    the user, the output from the assistant."""
+    instruction = _text_field(row, "instruction", path, line)
+    extra = row.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise DataError(
+            f"expected a string, got {type(extra).__name__}", file=path, line=line, field="input"
+        )
+    user = instruction + (f"\n\n{extra}" if extra and extra.strip() else "")
+    output = _text_field(row, "output", path, line)
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def _sharegpt_messages(row: dict, path: Path, line: int) -> list[dict]:
+    """A sharegpt row (`conversations`: [{"from": "human"|"gpt"|"system", "value": ...}]) as
+    chat messages, checked with the chat rules."""
+    turns = row.get("conversations")
+    if isinstance(turns, str):  # CSV / Parquet may carry the list as JSON text
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError:
+            raise DataError(
+                "not a JSON list of turns", file=path, line=line, field="conversations"
+            ) from None
+    if not isinstance(turns, list) or not turns:
+        raise DataError(
+            "expected a non-empty list of turns", file=path, line=line, field="conversations"
+        )
+    messages = []
+    for i, turn in enumerate(turns):
+        where = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise DataError("each turn must be an object", file=path, line=line, field=where)
+        speaker = turn.get("from")
+        if speaker not in SHAREGPT_ROLES:
+            raise DataError(
+                f"'from' must be one of {', '.join(SHAREGPT_ROLES)}",
+                file=path,
+                line=line,
+                field=f"{where}.from",
+            )
+        role = SHAREGPT_ROLES[speaker]
+        try:
+            value = _text_field(turn, "value", path, line, allow_empty=role != "assistant")
+        except DataError as exc:
+            raise DataError(exc.detail, file=path, line=line, field=f"{where}.value") from None
+        messages.append({"role": role, "content": value})
+    try:
+        return _messages({"messages": messages}, path, line)
+    except DataError as exc:  # in the file's terms: conversations[i], not messages[i]
+        field = (exc.field or "").replace("messages", "conversations", 1) or None
+        raise DataError(exc.detail, file=path, line=line, field=field, hint=exc.hint) from None
 
 
 # --- tokenization -------------------------------------------------------------------------------
@@ -409,7 +529,9 @@ def tokenize_rows(
             c = _encode(tokenizer, completion, special=False) + [eos]
             ids, labels = p + c, [IGNORE] * len(p) + c
         else:
-            ids, labels = _chat_example(tokenizer, _messages(row, path, line), path, line)
+            to_messages = {"alpaca": _alpaca_messages, "sharegpt": _sharegpt_messages}
+            messages = to_messages.get(fmt, _messages)(row, path, line)
+            ids, labels = _chat_example(tokenizer, messages, path, line)
             prompt = completion = None
         ids, labels = ids[:max_length], labels[:max_length]
         if all(label == IGNORE for label in labels):
@@ -417,7 +539,13 @@ def tokenize_rows(
                 f"no tokens to learn from within max_length {max_length}",
                 file=path,
                 line=line,
-                field={"text": "text", "prompt-completion": "prompt", "chat": "messages"}[fmt],
+                field={
+                    "text": "text",
+                    "prompt-completion": "prompt",
+                    "chat": "messages",
+                    "alpaca": "output",
+                    "sharegpt": "conversations",
+                }[fmt],  # fmt: skip
                 hint="raise --max-length or shorten the row",
             )
         examples.append(
@@ -451,10 +579,12 @@ def load_dataset(
     labels: list[str] | None = None,
     tokenizer_fingerprint: str = "",
     limit: int | None = None,
+    columns: dict[str, str] | None = None,
 ) -> Dataset:
-    """Read, validate and tokenize a data file. `labels` fixes the label set (an eval file)."""
+    """Read, validate and tokenize a data file. `labels` fixes the label set (an eval file);
+    `columns` renames the file's columns to the ones the format reads."""
     path = Path(path)
-    rows = read_rows(path)
+    rows = map_columns(read_rows(path), columns, path)
     fmt = normalize_format(fmt) or detect_format(rows, path, task)
     fmt_task = FORMAT_TASK[fmt]
     if task is not None and task != fmt_task:
@@ -464,9 +594,12 @@ def load_dataset(
         )
     if limit is not None:
         rows = rows[:limit]
-    examples, names = tokenize_rows(
-        rows, path=path, fmt=fmt, tokenizer=tokenizer, max_length=max_length, label_names=labels
-    )
+    try:
+        examples, names = tokenize_rows(
+            rows, path=path, fmt=fmt, tokenizer=tokenizer, max_length=max_length, label_names=labels
+        )
+    except DataError as exc:
+        raise _in_file_terms(exc, columns) from None
     return Dataset(
         file=path,
         format=fmt,
@@ -475,6 +608,15 @@ def load_dataset(
         fingerprint=dataset_fingerprint(path, fmt, tokenizer_fingerprint, max_length, rows),
         labels=names,
     )
+
+
+def _in_file_terms(exc: DataError, columns: dict[str, str] | None) -> DataError:
+    """The error with its field named as the file names it (`priority`, not `label`)."""
+    root = re.match(r"[A-Za-z_]+", exc.field or "")
+    if not columns or root is None or root.group() not in columns:
+        return exc
+    field = columns[root.group()] + exc.field[root.end() :]
+    return DataError(exc.detail, file=exc.file, line=exc.line, field=field, hint=exc.hint)
 
 
 def split_dataset(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:

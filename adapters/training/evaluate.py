@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from adaptory.adapters.training.data import Dataset, batches, collate, load_dataset
+from adaptory.adapters.training.data import Dataset, batches, collate, load_dataset, parse_columns
 from adaptory.adapters.training.generation import greedy_ids
 from adaptory.registry.errors import ConfigError
 
@@ -196,6 +196,7 @@ def evaluate_entry(
     fmt: str | None = None,
     record: bool = True,
     limit: int | None = None,
+    columns: str | dict | None = None,
 ) -> dict[str, Any]:
     """Evaluate a registry adapter on a data file; with `record`, store the result under
     metrics["evals"][<file name>] of the entry."""
@@ -210,6 +211,7 @@ def evaluate_entry(
         labels=base.labels,
         tokenizer_fingerprint=base.fingerprint.tokenizer,
         limit=limit,
+        columns=parse_columns(columns),
     )
     metrics = evaluate_model(model, base.tokenizer, entry.task, dataset)
     metrics["rows"] = len(dataset)

@@ -76,6 +76,7 @@ class TrainConfig:
     eval_data: str | None = None
     eval_split: float | None = None  # default 0.1 without eval_data; 0 turns evaluation off
     format: str | None = None
+    columns: dict[str, str] | None = None  # format's column -> the file's ("text=sentence,...")
     quant: str = "nf4"
     # method hyperparameters (see adapters/methods)
     rank: int = 8
@@ -127,10 +128,11 @@ class TrainConfig:
                 f"missing {', '.join('--' + m for m in missing)}",
                 hint="adaptory train --base BASE --data FILE --name NAME (or --config FILE)",
             )
-        from adaptory.adapters.training.data import normalize_format
+        from adaptory.adapters.training.data import normalize_format, parse_columns
         from adaptory.registry.refs import validate_name, validate_tag
 
         validate_name(self.name)
+        self.columns = parse_columns(self.columns)
         for tag in self.tags:
             validate_tag(tag)
         self.format = normalize_format(self.format)
@@ -493,7 +495,7 @@ def method_and_task(config: TrainConfig):
     """The adapter method and the task (from --task or the data's columns), checked to fit."""
     from adaptory.adapters.training.data import peek_format
 
-    _, task = peek_format(Path(config.data), config.format, config.task)
+    _, task = peek_format(Path(config.data), config.format, config.task, config.columns)
     method = get_method(config.method)
     if task not in method.tasks:
         raise ConfigError(
@@ -518,6 +520,7 @@ def load_training_data(config: TrainConfig, source, task: str):
         fmt=config.format,
         max_length=config.max_length,
         tokenizer_fingerprint=tokenizer_fp,
+        columns=config.columns,
     )
     if config.eval_data:
         held = load_dataset(
@@ -528,6 +531,7 @@ def load_training_data(config: TrainConfig, source, task: str):
             max_length=config.max_length,
             labels=data.labels,
             tokenizer_fingerprint=tokenizer_fp,
+            columns=config.columns,
         )
         return data, held
     if config.held_out_fraction > 0:
