@@ -99,6 +99,11 @@ def _metric_line(metrics: dict, task: str) -> str:
 @click.option("--max-grad-norm", type=float, help="Gradient clipping norm (0 = off).  [1.0]")
 @click.option("--eval-every", type=int, help="Evaluate every N steps.  [each epoch]")
 @click.option("--early-stopping", type=int, help="Stop after N evaluations without improvement.")
+@click.option(
+    "--keep",
+    type=click.Choice(["best", "last"]),
+    help="Store the adapter with the best eval loss, or the last one.  [best]",
+)
 @click.option("--checkpoint-every", type=int, help="Save a resumable checkpoint every N steps.")
 @click.option("--seed", type=int, help="[0]")
 @click.option("--max-length", type=int, help="Tokens per row (longer rows are cut).  [128]")

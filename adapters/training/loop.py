@@ -46,6 +46,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 # Exact match needs one forward pass per generated token: cap the rows it runs on.
 EXACT_MATCH_ROWS = 50
 PATH_FIELDS = ("data", "eval_data", "output_dir")
+KEEP = ("best", "last")
 # Module-name lists of a PEFT config that PEFT matches as sets: their order means nothing.
 UNORDERED_CONFIG_LISTS = (
     "target_modules",
@@ -100,6 +101,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     eval_every: int | None = None  # steps; default once per epoch
     early_stopping: int | None = None  # patience, in evaluations without a better eval loss
+    keep: str = "best"  # the adapter stored: the one with the best eval loss, or the "last"
     checkpoint_every: int | None = None  # steps
     seed: int = 0
     max_length: int = 128
@@ -139,6 +141,7 @@ class TrainConfig:
         _choice("task", self.task, TASKS, optional=True)
         _choice("quant", self.quant, QUANTS)
         _choice("schedule", self.schedule, SCHEDULES)
+        _choice("keep", self.keep, KEEP)
         method = get_method(self.method)
         method.spec_from(self)  # validates the method's hyperparameters
         if self.grad_checkpointing and not method.grad_checkpointing:
@@ -433,7 +436,8 @@ class RunState:
     loss_history: list[dict] = field(default_factory=list)
     stale: int = 0  # evaluations since the eval loss last improved
     best_loss: float = math.inf
-    best: dict | None = None  # the best adapter's weights, kept for early stopping
+    best: dict | None = None  # the best adapter's weights (with keep="best")
+    best_step: int | None = None  # the step they are from
     base_metrics: dict = field(default_factory=dict)
     tokens: int = 0
     train_time_s: float = 0.0
@@ -448,6 +452,7 @@ class RunState:
             stale=state["stale"],
             best_loss=state["best_loss"],
             best=best,
+            best_step=state.get("best_step"),
             base_metrics=state["base_metrics"],
             tokens=state["tokens"],
             train_time_s=state["train_time_s"],
@@ -461,6 +466,7 @@ class RunState:
             "loss_history": self.loss_history,
             "stale": self.stale,
             "best_loss": self.best_loss,
+            "best_step": self.best_step,
             "base_metrics": self.base_metrics,
             "dataset_fingerprint": dataset_fingerprint,
             "tokens": self.tokens,
@@ -652,8 +658,6 @@ def optimizer_step(
 def evaluate_step(model, tokenizer, task: str, dataset, state: RunState, *, keep_best: bool):
     """Evaluate the adapter now: the point joins the loss history, the best eval loss (and with
     `keep_best` the best adapter's weights) is kept, and evaluations without progress counted."""
-    from peft import get_peft_model_state_dict
-
     from adaptory.adapters.training.evaluate import evaluate_model
 
     point = evaluate_model(model, tokenizer, task, dataset, generate=False)
@@ -663,25 +667,45 @@ def evaluate_step(model, tokenizer, task: str, dataset, state: RunState, *, keep
     if point["eval_loss"] < state.best_loss - 1e-6:
         state.best_loss, state.stale = point["eval_loss"], 0
         if keep_best:
-            state.best = {
-                k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()
-            }
+            state.best_step = state.step
+            state.best = trainable_weights(model)
     else:
         state.stale += 1
+
+
+def trainable_weights(model) -> dict:
+    """A copy of every trainable parameter by name (the adapter, and a classifier's head).
+    Not PEFT's saved state dict: for prefix tuning with a projection that holds the projected
+    key/values, which cannot be loaded back into the model being trained."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_weights(model, weights: dict) -> None:
+    """Put back what `trainable_weights` copied (or, from a checkpoint of an older version,
+    PEFT's state dict)."""
+    import torch
+
+    params = dict(model.named_parameters())
+    if not all(name in params for name in weights):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, weights)
+        return
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(device=params[name].device, dtype=params[name].dtype))
 
 
 # --- after the loop -----------------------------------------------------------------------------
 
 
 def final_metrics(model, tokenizer, task: str, dataset, state: RunState) -> dict:
-    """The adapter's metrics on the eval data (on the best adapter when early stopping kept
-    one), next to the base's, and the last training loss."""
+    """The adapter's metrics on the eval data (on the best adapter when one was kept), next to
+    the base's, and the last training loss."""
     from adaptory.adapters.training.evaluate import evaluate_model
 
     if state.best is not None:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, state.best)
+        restore_weights(model, state.best)
     metrics: dict = {}
     if dataset is not None:
         metrics = evaluate_model(model, tokenizer, task, dataset, limit=EXACT_MATCH_ROWS)
@@ -734,6 +758,19 @@ def dataset_record(config: TrainConfig, train, held_out) -> dict:
     return dataset
 
 
+def run_plan(config: TrainConfig, task: str, train_ds, eval_ds, plan, total_steps: int) -> str:
+    """The run's first line: what the data is and the settings chosen for it."""
+    rows = f"{len(train_ds)} {train_ds.format} rows" + (
+        f", {len(eval_ds)} held out" if eval_ds is not None else ", no evaluation"
+    )
+    keep = "the best by eval loss" if config.keep == "best" and eval_ds is not None else "the last"
+    return (
+        f"{rows}; {total_steps} steps ({plan.steps_per_epoch} per epoch), lr "
+        f"{config.learning_rate(task):.2g}, warm-up {config.warmup_steps(total_steps)} steps, "
+        f"{config.schedule}; storing {keep} adapter"
+    )
+
+
 def run_record(
     state: RunState, wall: float, total_steps: int, trainable: int, run_dir: Path, base, labels
 ) -> dict:
@@ -750,6 +787,11 @@ def run_record(
         "steps": state.step,
         "total_steps": total_steps,
         "stopped_early": state.stopped_early,
+        "kept": (
+            {"which": "best", "step": state.best_step, "eval_loss": state.best_loss}
+            if state.best is not None
+            else {"which": "last", "step": state.step}
+        ),
         "run_dir": str(run_dir),
         "device": base.device,
     }
@@ -836,6 +878,7 @@ def _train(config: TrainConfig, *, registry, show_progress: bool, on_step) -> Tr
     # -- the loop: step, evaluate, checkpoint; Ctrl-C stops at a step boundary --
     progress = TrainProgress(total_steps, enabled=show_progress and accelerator.is_main_process,
                              start=state.step, description=config.name)  # fmt: skip
+    progress.note(run_plan(config, task, train_ds, eval_ds, plan, total_steps))
     try:
         with deterministic_algorithms(), StopRequest() as stop, progress:
             model.train()
@@ -863,7 +906,7 @@ def _train(config: TrainConfig, *, registry, show_progress: bool, on_step) -> Tr
                     state.step % eval_every == 0 or state.step == total_steps
                 ):
                     evaluate_step(peft_model, tokenizer, task, eval_ds, state,
-                                  keep_best=bool(config.early_stopping))  # fmt: skip
+                                  keep_best=config.keep == "best")  # fmt: skip
                     if config.early_stopping and state.stale >= config.early_stopping:
                         state.stopped_early = True
                         progress.note(

@@ -407,3 +407,42 @@ def test_training_lowers_the_held_out_loss(registry, tiny_llama_dir, tmp_path):
     # the eval numbers recorded with the entry are the ones measured here
     assert result.metrics["eval_loss"] == pytest.approx(adapter_loss, abs=1e-3)
     assert result.metrics["base"]["eval_loss"] == pytest.approx(base_loss, abs=1e-3)
+
+
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_the_stored_adapter_is_the_best_evaluated_one_unless_asked_for_the_last(
+    registry, tiny_llama_dir, tmp_path, keep
+):
+    """A run made to overshoot (learning rate 1.0, constant) evaluates after every step. By
+    default the entry stores the adapter of the step with the lowest eval loss; `keep="last"`
+    stores the last one. The held-out loss is measured here on the stored folder."""
+    train = write_jsonl(tmp_path / "train.jsonl", fixed_reply_rows(16, 0))
+    held_rows = fixed_reply_rows(8, 1)
+    held = write_jsonl(tmp_path / "held.jsonl", held_rows)
+    result = train_adapter(
+        TrainConfig(base=str(tiny_llama_dir), data=str(train), eval_data=str(held),
+                    name=f"overshoot-{keep}", max_steps=12, batch_size=8, lr=1.0, seed=0,
+                    eval_every=1, schedule="constant", warmup=0, keep=keep),
+        registry=registry, show_progress=False,
+    )  # fmt: skip
+    evals = [(p["step"], p["eval_loss"]) for p in result.loss_history if "eval_loss" in p]
+    best_step, best_loss = min(evals, key=lambda e: e[1])
+    last_step, last_loss = evals[-1]
+    print(f"eval losses by step: {evals}")
+    assert best_step < last_step and best_loss < last_loss - 0.05, "the run did not overshoot"
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    with torch.no_grad():
+        model = PeftModel.from_pretrained(
+            nf4_base(tiny_llama_dir), str(registry.files(result.entry.ref))
+        ).eval()
+        stored_loss = float(mean_nll(model, tokenizer, held_rows))
+    kept = result.entry.extra["kept"]
+    if keep == "best":
+        assert stored_loss == pytest.approx(best_loss, abs=1e-3)
+        assert kept == {"which": "best", "step": best_step, "eval_loss": best_loss}
+    else:
+        assert stored_loss == pytest.approx(last_loss, abs=1e-3)
+        assert kept == {"which": "last", "step": last_step}
+    assert result.metrics["eval_loss"] == pytest.approx(stored_loss, abs=1e-3)
+    assert result.entry.training_config["keep"] == keep
