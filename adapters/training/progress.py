@@ -88,7 +88,7 @@ class TrainProgress:
         if self._progress is not None:
             self._progress.console.print(text, highlight=False)
         elif self._lines is not None:
-            self._lines.print(text, highlight=False)
+            self._lines.print(text, highlight=False, soft_wrap=True)
 
     def _line(self, step: int, loss: float, lr: float) -> None:
         """One plain line when the run passes a tenth of its steps, ends, or a minute has gone
@@ -106,6 +106,7 @@ class TrainProgress:
             f"{self.tokens / max(elapsed, 1e-9):,.0f} tok/s  elapsed {_clock(elapsed)}"
             + (f"  eta {_clock(eta)}" if eta is not None else ""),
             highlight=False,
+            soft_wrap=True,  # one line in the log, however narrow the console thinks it is
         )
 
 

@@ -488,7 +488,8 @@ def test_classify_refuses_more_texts_than_the_limit(live):
 
 
 def test_a_non_streaming_client_that_disconnects_is_cancelled(one_row):
-    url, client, _, base = one_row
+    url, client, app, base = one_row
+    scheduler = app.state.schedulers[base]
     cancelled = _gauge(client, "adaptory_cancelled_requests_total", base)
     gone = _answered(client, 499)
     sock = _open_request(url, _endless(base))
@@ -501,6 +502,7 @@ def test_a_non_streaming_client_that_disconnects_is_cancelled(one_row):
         "the row kept decoding after its client left",
     )
     assert _gauge(client, "adaptory_cancelled_requests_total", base) == cancelled + 1
+    _wait_until(lambda: not scheduler.jobs, "the scheduler kept the cancelled row's job")
     _wait_until(lambda: _answered(client, 499) == gone + 1, "the handler never saw the disconnect")
 
 

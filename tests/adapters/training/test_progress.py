@@ -10,9 +10,9 @@ from adaptory.adapters.training import progress as progress_module
 from adaptory.adapters.training.progress import TrainProgress
 
 
-def _run(total: int, *, start: int = 0, terminal: bool = False) -> list[str]:
+def _run(total: int, *, start: int = 0, terminal: bool = False, width: int = 200) -> list[str]:
     out = io.StringIO()
-    console = Console(file=out, force_terminal=terminal, width=200)
+    console = Console(file=out, force_terminal=terminal, width=width)
     with TrainProgress(total, description="pretraining", start=start, console=console) as bar:
         for step in range(start + 1, total + 1):
             bar.update(step, loss=1.0 / step, lr=1e-3, tokens=10)
@@ -48,3 +48,10 @@ def test_a_terminal_gets_the_bar_not_lines(monkeypatch):
     monkeypatch.setattr(progress_module, "LINE_EVERY_S", 0.0)
     output = "\n".join(_run(10, terminal=True))
     assert "10/10" in output and "pretraining 1/10  loss" not in output
+
+
+def test_a_line_is_never_wrapped_in_a_narrow_log(monkeypatch):
+    monkeypatch.setattr(progress_module, "LINE_EVERY_S", 1e9)
+    lines = _run(20, width=40)
+    progress = [line for line in lines if line.startswith("pretraining ")]
+    assert len(progress) == 10 and all(" eta " in line for line in progress), lines
