@@ -185,6 +185,25 @@ def test_a_template_that_renders_a_finished_assistant_turn_differently_is_refuse
     assert tok.decode([t for t in example.labels if t != IGNORE]) == "HELLO[END]"
 
 
+def test_every_assistant_turn_is_checked_not_only_the_turns_before_it(tokenizer):
+    """Two user turns before each assistant turn: the conversation up to the first assistant
+    turn (not just the one before it) must be a prefix of the whole, or the row is refused."""
+    import copy
+
+    tok = copy.copy(tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+        "{% if loop.last and m['role'] == 'assistant' %}[END]{% endif %}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    turns = [("user", "hi"), ("user", "shout it"), ("assistant", "HI"),
+             ("user", "again"), ("user", "louder"), ("assistant", "HI!")]  # fmt: skip
+    messages = [{"role": r, "content": c} for r, c in turns]
+    with pytest.raises(DataError, match="does not render conversations prefix by prefix"):
+        tokenize_rows(_rows({"messages": messages}), path=PATH, fmt="chat", tokenizer=tok,
+                      max_length=512)  # fmt: skip
+
+
 def test_chat_ids_are_the_rendered_text_without_added_special_tokens(bos_tokenizer):
     """The template writes every special token itself; the tokenizer adds none (no second
     `<s>`), so the ids are exactly the rendered conversation's."""
