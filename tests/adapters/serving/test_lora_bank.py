@@ -98,3 +98,26 @@ def test_dora_is_refused(tiny_llama_dir, saved_adapters):
     cfg["use_dora"] = True
     with pytest.raises(ConfigError, match="use_dora"):
         LoraBank(base.model).add("a", state, cfg)
+
+
+def test_a_slot_freed_by_remove_carries_nothing_into_its_next_adapter(
+    tiny_llama_dir, saved_adapters
+):
+    """ "b" adapts q/k/v/o; once removed, "a" (q and v only) takes its slot. Rows of "a" must get
+    exactly PEFT's "a": none of b's k_proj/o_proj weights may stay behind in the slot."""
+    ref_base = load_base(str(tiny_llama_dir), task="causal-lm", device="cpu")
+    peft_model = PeftModel.from_pretrained(ref_base.model, saved_adapters / "a", adapter_name="a")
+    inputs = _inputs(ref_base.tokenizer)
+    with torch.no_grad():
+        expected = peft_model(**inputs).logits
+
+    base = load_base(str(tiny_llama_dir), task="causal-lm", device="cpu")
+    bank = LoraBank(base.model)
+    bank.add("b", *_load(saved_adapters, "b"))
+    freed = bank.slots["b"]
+    bank.remove("b")
+    bank.add("a", *_load(saved_adapters, "a"))
+    assert bank.slots["a"] == freed  # the freed slot was reused
+    with torch.no_grad(), bank.rows(["a"] * len(inputs["input_ids"])):
+        got = base.model(**inputs).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
