@@ -255,6 +255,29 @@ def test_check_names_each_problem_exactly(store, tmp_path):
     ]
 
 
+def test_check_finds_every_alteration_that_keeps_the_size(store, tmp_path):
+    """Sixteen different contents of the right size: each is reported, whichever way its hash
+    compares with the stored one."""
+    staged, target = _published(store, tmp_path)
+    name = "adapter_model.safetensors"
+    os.chmod(target / name, 0o644)
+    for seed in range(16):
+        (target / name).write_bytes(_bytes(len(FILES[name]), seed=seed))
+        problems = store.check(staged.digest, staged.files)
+        assert len(problems) == 1 and problems[0].startswith(f"{name} is altered"), (seed, problems)
+
+
+def test_check_reports_a_blob_folder_linked_to_another_blob(store, tmp_path):
+    """A link is refused even when it points at another blob inside the store."""
+    first, target = _published(store, tmp_path)
+    other_files = {**FILES, "adapter_model.safetensors": _bytes(3000, seed=1)}
+    _, other = _published(store, tmp_path / "other", other_files)
+    remove_tree(target)
+    target.symlink_to(other, target_is_directory=True)
+    (problem,) = store.check(first.digest, first.files)
+    assert problem.startswith(f"blob folder {target} was replaced by a link")
+
+
 def test_check_reports_a_missing_folder_and_a_folder_swapped_for_a_link(store, tmp_path):
     staged, target = _published(store, tmp_path)
     outside = _adapter(tmp_path / "outside", FILES)
