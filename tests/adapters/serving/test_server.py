@@ -410,3 +410,16 @@ def test_every_field_is_type_checked_before_a_job_is_queued(
     error = r.json()["error"]
     assert needle in error["message"] and error["type"] == "invalid_request_error"
     assert scheduler.admitted == admitted and scheduler.inbox.empty()
+
+
+def test_answers_carry_openai_ids_and_objects(served):
+    """Completions are `cmpl-…` text_completion objects, chats `chatcmpl-…` chat.completion."""
+    client = served[0]
+    done = client.post("/v1/completions", json={"model": "lora-a", "prompt": "the cat",
+                                                "max_tokens": 2}).json()  # fmt: skip
+    chat = client.post("/v1/chat/completions", json={
+        "model": "lora-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+    }).json()  # fmt: skip
+    assert done["id"].startswith("cmpl-") and done["object"] == "text_completion", done
+    assert chat["id"].startswith("chatcmpl-") and chat["object"] == "chat.completion", chat
+    assert len(done["id"]) == len("cmpl-") + 24 and len(chat["id"]) == len("chatcmpl-") + 24
