@@ -198,8 +198,10 @@ class BlobStore:
         folder = self.path_for(digest)
         if folder.is_symlink() or (
             folder.exists() and not folder.resolve().is_relative_to(self.objects.resolve())
-        ):  # never read an adapter from outside the home
-            return [f"blob folder {folder} was replaced by a link pointing outside the store"]
+        ):  # never read an adapter through a link, even to another blob
+            inside = folder.resolve().is_relative_to(self.objects.resolve())
+            where = "to another blob" if inside else "pointing outside the store"
+            return [f"blob folder {folder} was replaced by a link {where}"]
         if not folder.is_dir():
             return [f"blob folder {folder} is missing"]
         problems = []

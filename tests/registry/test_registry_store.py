@@ -275,7 +275,7 @@ def test_check_reports_a_blob_folder_linked_to_another_blob(store, tmp_path):
     remove_tree(target)
     target.symlink_to(other, target_is_directory=True)
     (problem,) = store.check(first.digest, first.files)
-    assert problem.startswith(f"blob folder {target} was replaced by a link")
+    assert problem == f"blob folder {target} was replaced by a link to another blob"
 
 
 def test_check_reports_a_missing_folder_and_a_folder_swapped_for_a_link(store, tmp_path):
