@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from adaptory.adapters.bases.shapes import SIZES as ALL_SIZES
-from adaptory.adapters.bases.shapes import Size
+from adaptory.adapters.bases.shapes import Size, count_params
 from adaptory.registry.errors import ConfigError
 
 # the shipped corpus, found as package data wherever the package lives
@@ -109,15 +109,6 @@ def build_model(size: str, vocab_size: int, tokenizer, seed: int = 0):
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
-
-
-def count_params(model) -> int:
-    seen, total = set(), 0
-    for param in model.parameters():
-        if id(param) not in seen:
-            seen.add(id(param))
-            total += param.numel()
-    return total
 
 
 def save_base(model, tokenizer, out: Path, info: dict) -> Path:

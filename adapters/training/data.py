@@ -336,21 +336,24 @@ def _label_value(row: dict, path: Path, line: int, csv_like: bool) -> str | int:
     return value
 
 
+def _json_list(value, field: str, what: str, path: Path, line: int) -> list:
+    """A row's non-empty list field; CSV and Parquet may carry the list as JSON text."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(
+                f"not a JSON list of {what}", file=path, line=line, field=field
+            ) from None
+    if not isinstance(value, list) or not value:
+        raise DataError(f"expected a non-empty list of {what}", file=path, line=line, field=field)
+    return value
+
+
 def _messages(row: dict, path: Path, line: int) -> list[dict]:
     if "messages" not in row or row["messages"] is None:
         raise DataError("missing field", file=path, line=line, field="messages")
-    messages = row["messages"]
-    if isinstance(messages, str):  # CSV / Parquet may carry the list as JSON text
-        try:
-            messages = json.loads(messages)
-        except json.JSONDecodeError:
-            raise DataError(
-                "not a JSON list of messages", file=path, line=line, field="messages"
-            ) from None
-    if not isinstance(messages, list) or not messages:
-        raise DataError(
-            "expected a non-empty list of messages", file=path, line=line, field="messages"
-        )
+    messages = _json_list(row["messages"], "messages", "messages", path, line)
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(msg, dict):
@@ -387,18 +390,7 @@ def _alpaca_messages(row: dict, path: Path, line: int) -> list[dict]:
 def _sharegpt_messages(row: dict, path: Path, line: int) -> list[dict]:
     """A sharegpt row (`conversations`: [{"from": "human"|"gpt"|"system", "value": ...}]) as
     chat messages, checked with the chat rules."""
-    turns = row.get("conversations")
-    if isinstance(turns, str):  # CSV / Parquet may carry the list as JSON text
-        try:
-            turns = json.loads(turns)
-        except json.JSONDecodeError:
-            raise DataError(
-                "not a JSON list of turns", file=path, line=line, field="conversations"
-            ) from None
-    if not isinstance(turns, list) or not turns:
-        raise DataError(
-            "expected a non-empty list of turns", file=path, line=line, field="conversations"
-        )
+    turns = _json_list(row.get("conversations"), "conversations", "turns", path, line)
     messages = []
     for i, turn in enumerate(turns):
         where = f"conversations[{i}]"

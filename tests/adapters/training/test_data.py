@@ -8,7 +8,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from adaptory.adapters.bases.loading import load_tokenizer
 from adaptory.adapters.training.data import (
     IGNORE,
     dataset_fingerprint,
@@ -17,16 +16,6 @@ from adaptory.adapters.training.data import (
     split_dataset,
 )
 from adaptory.registry.errors import ConfigError, DataError
-
-
-@pytest.fixture(scope="module")
-def llama_tok(tiny_llama_dir):
-    return load_tokenizer(tiny_llama_dir, "causal-lm")
-
-
-@pytest.fixture(scope="module")
-def bert_tok(tiny_bert_dir):
-    return load_tokenizer(tiny_bert_dir, "seq-cls")
 
 
 def write_jsonl(path, rows):

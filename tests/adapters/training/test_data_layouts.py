@@ -12,19 +12,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from adaptory.adapters.bases.loading import load_tokenizer
 from adaptory.adapters.training.data import load_dataset, parse_columns, peek_format
 from adaptory.registry.errors import ConfigError, DataError
-
-
-@pytest.fixture(scope="module")
-def llama_tok(tiny_llama_dir):
-    return load_tokenizer(tiny_llama_dir, "causal-lm")
-
-
-@pytest.fixture(scope="module")
-def bert_tok(tiny_bert_dir):
-    return load_tokenizer(tiny_bert_dir, "seq-cls")
 
 
 def write_jsonl(path, rows):
