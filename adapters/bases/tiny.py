@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from adaptory.adapters.bases.shapes import SIZES as ALL_SIZES
-from adaptory.adapters.bases.shapes import Size, count_params
+from adaptory.adapters.bases.shapes import Size, count_params, llama_config
 from adaptory.registry.errors import ConfigError
 
 # the shipped corpus, found as package data wherever the package lives
@@ -91,22 +91,9 @@ def build_tokenizer(texts: list[str], vocab_size: int):
 
 def build_model(size: str, vocab_size: int, tokenizer, seed: int = 0):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    dims = SIZES[size]
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=dims.hidden,
-        intermediate_size=dims.intermediate,
-        num_hidden_layers=dims.layers,
-        num_attention_heads=dims.heads,
-        num_key_value_heads=dims.kv_heads,
-        max_position_embeddings=dims.context,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = llama_config(SIZES[size], vocab=vocab_size, tokenizer=tokenizer)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
