@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from adaptory.adapters.serving.detokenize import IncrementalText
 from adaptory.adapters.serving.kv_cache import KVShape, RowKVCache, bucket
+from adaptory.adapters.serving.logprobs import TokenLogprob, cumulative, token_logprobs
 from adaptory.adapters.serving.lora_bank import group_rows
-from adaptory.adapters.serving.sampling import pick_tokens
+from adaptory.adapters.serving.sampling import Controls, Sampling, pick_tokens
 from adaptory.registry.errors import AdaptoryError, BadInput, ConfigError, InvalidAdapter
 
 log = logging.getLogger("adaptory.serving")
@@ -43,17 +44,46 @@ SMALLEST_VIEW = 32  # positions: views come in powers of two from here
 
 @dataclass
 class GenerationRequest:
-    """One completion: a prompt (or chat messages, or token ids) for an adapter (None = base)."""
+    """One completion: a prompt (or chat messages, or token ids) for an adapter (None = base).
+
+    `max_new_tokens` 0 only scores the prompt. `logprobs` / `prompt_logprobs`: None for none,
+    else how many alternatives each generated / prompt token reports (0: its own only)."""
 
     prompt: str | None = None
     adapter: str | None = None
     messages: list[dict] | None = None
     prompt_ids: list[int] | None = None
     max_new_tokens: int = 32
+    fit_context: bool = False  # max_new_tokens is a ceiling: shorten it to the context left
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_p, self.top_k, self.min_p)
+
+    @property
+    def controls(self) -> Controls:
+        return Controls(
+            tuple(sorted(self.logit_bias.items())),
+            self.min_tokens,
+            self.presence_penalty,
+            self.frequency_penalty,
+            self.repetition_penalty,
+        )
 
 
 @dataclass
@@ -64,6 +94,20 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     adapter: str | None  # the resolved reference, name:version
+    prompt_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # one per sampled token, when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # the first token's is None
+    cumulative_logprob: float | None = None
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A row's new text, the logprobs of the tokens that made it (when asked for), and with
+    the first delta the prompt's logprobs (echo)."""
+
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -73,7 +117,7 @@ class _Row:
     adapter: Any  # ResidentAdapter | None
     prompt_ids: list[int]
     generator: Any
-    on_text: Callable[[str], None] | None
+    on_text: Callable[[TextDelta], None] | None
     detok: IncrementalText
     prefix_len: int = 0
     generated: list[int] = field(default_factory=list)
@@ -84,6 +128,11 @@ class _Row:
     result: GenerationResult | None = None
     error: BaseException | None = None  # why this row alone ended early (finish_reason "error")
     logits: list = field(default_factory=list)  # per step, when the batch keeps them
+    sampling: Sampling = field(default_factory=Sampling)
+    controls: Controls = field(default_factory=Controls)
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)
+    logprobs_sent: int = 0  # entries of token_logprobs passed to on_text so far
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def bank_key(self) -> str:
@@ -204,8 +253,8 @@ class DecodeBatch:
 
     def _new_row(self, request: GenerationRequest, on_text) -> _Row:
         rt = self.rt
-        if request.max_new_tokens < 1:
-            raise BadInput("max_new_tokens must be at least 1")
+        if request.max_new_tokens < 0:
+            raise BadInput("max_new_tokens must not be negative")
         ids = rt.prompt_ids(request)
         if not ids:
             raise BadInput("the prompt is empty")
@@ -220,7 +269,15 @@ class DecodeBatch:
                 request, key, adapter, ids, generator, on_text, IncrementalText(rt.tokenizer)
             )
             row.prefix_len = prefix
+            row.sampling, row.controls = request.sampling, request.controls
             need = prefix + len(ids) + request.max_new_tokens
+            if (
+                need > self.max_length
+                and request.fit_context
+                and prefix + len(ids) < self.max_length
+            ):
+                request = replace(request, max_new_tokens=self.max_length - prefix - len(ids))
+                row.request, need = request, self.max_length
             if need > self.max_length:
                 raise BadInput(
                     f"prompt ({len(ids)} tokens) plus max_new_tokens ({request.max_new_tokens}) "
@@ -272,6 +329,9 @@ class DecodeBatch:
             hidden = self._decoder(ids, cols, start, view)
         last = torch.tensor([len(r.prompt_ids) - 1 for r in rows], device=self.device)
         logits = self.head(hidden[torch.arange(m, device=self.device), last]).float()
+        for i, row in enumerate(rows):  # echo scoring: from this same forward
+            if row.request.prompt_logprobs is not None:
+                row.prompt_logprobs = self._prompt_logprobs(row, hidden[i])
         for i, row in enumerate(rows):
             slot = start + i
             self.lengths[slot] = row.prefix_len + len(row.prompt_ids)
@@ -280,6 +340,16 @@ class DecodeBatch:
             self.bank_rows[slot] = self.bank_host[slot]
         self.positions[start : start + m] = torch.tensor(self.lengths[start : start + m])
         return logits
+
+    def _prompt_logprobs(self, row: _Row, hidden: torch.Tensor) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability given the tokens before it (None for the first),
+        from the prefill's hidden states of the row's prompt positions."""
+        ids = row.prompt_ids
+        if len(ids) < 2:
+            return [None] * len(ids)
+        logits = self.head(hidden[: len(ids) - 1])
+        k = row.request.prompt_logprobs
+        return [None, *token_logprobs(logits, ids[1:], [k] * (len(ids) - 1))]
 
     # -- one step -------------------------------------------------------------------------------
 
@@ -360,12 +430,29 @@ class DecodeBatch:
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor, start: int) -> list[_Row]:
         """Take each row's next token (rows = self.rows[start:start + len(rows)]); finish rows."""
-        tokens = pick_tokens(
-            logits,
-            [r.request.temperature for r in rows],
-            [r.request.top_p for r in rows],
-            [r.generator for r in rows],
-        )
+        raw = logits
+        shaped = [i for i, r in enumerate(rows) if r.controls.active]
+        if shaped:
+            logits = logits.clone()
+            for i in shaped:
+                logits[i] = rows[i].controls.apply(
+                    logits[i],
+                    prompt=rows[i].prompt_ids,
+                    generated=rows[i].generated,
+                    ends=self._ends(rows[i]),
+                )
+        tokens = pick_tokens(logits, [r.sampling for r in rows], [r.generator for r in rows])
+        scored = [
+            i for i, r in enumerate(rows)
+            if r.request.logprobs is not None and tokens[i] is not None
+            and r.request.max_new_tokens > 0
+        ]  # fmt: skip
+        if scored:
+            entries = token_logprobs(
+                raw[scored], [tokens[i] for i in scored], [rows[i].request.logprobs for i in scored]
+            )
+            for i, entry in zip(scored, entries, strict=True):
+                rows[i].token_logprobs.append(entry)
         known = [t for t in tokens if t is not None]
         if known:
             slots = [start + i for i, t in enumerate(tokens) if t is not None]
@@ -377,9 +464,13 @@ class DecodeBatch:
             try:
                 if self.keep_logits:
                     row.logits.append(logits[i].clone())
-                if token is None:
+                if row.request.max_new_tokens == 0:  # scored its prompt; generates nothing
+                    row.finish_reason = "length"
+                    emit(row)
+                elif token is None:
                     raise NonFiniteRow
-                take_token(row, token, self._eos)
+                else:
+                    take_token(row, token, self._eos)
             except Exception as exc:
                 row.error, row.finish_reason = row_error(row, exc, self.rt.base_ref), "error"
             if row.finish_reason is not None:
@@ -387,6 +478,10 @@ class DecodeBatch:
         if finished:
             self.drop(finished)
         return finished
+
+    def _ends(self, row: _Row) -> set[int]:
+        """The tokens that would end `row` (what `min_tokens` holds back)."""
+        return {*row.request.stop_token_ids, *(() if row.request.ignore_eos else self._eos)}
 
     def drop(self, rows: Iterable[_Row], *, reason: str | None = None) -> None:
         """Remove rows (finished or cancelled): each hole takes the last row, so the remaining
@@ -432,7 +527,9 @@ class DecodeBatch:
 def take_token(row: _Row, token: int, eos: set[int]) -> None:
     """Record a row's next token: its text, stop strings, length limit, end of sequence."""
     row.sampled += 1
-    if token in eos:
+    request = row.request
+    ends = (token in eos and not request.ignore_eos) or token in request.stop_token_ids
+    if ends:
         row.finish_reason = "stop"
     else:
         row.generated.append(token)
@@ -449,7 +546,7 @@ def take_token(row: _Row, token: int, eos: set[int]) -> None:
                 row.finish_reason = "stop"
         if row.finish_reason is None and len(row.generated) >= row.request.max_new_tokens:
             row.finish_reason = "length"
-    if row.finish_reason == "stop" and token in eos:
+    if ends:
         row.detok.finish()
         row.text = row.detok.text
     emit(row)
@@ -463,9 +560,13 @@ def emit(row: _Row) -> None:
         end -= holdback(row.text, row.request.stop)
     if end > row.sent:
         delta, row.sent = row.text[row.sent : end], end
+        entries = row.token_logprobs[row.logprobs_sent :]
+        first = row.sent == len(delta)
+        row.logprobs_sent = len(row.token_logprobs)
         if row.on_text:
-            row.on_text(delta)
+            row.on_text(TextDelta(delta, entries, row.prompt_logprobs if first else None))
     if row.finish_reason is not None and row.result is None and row.error is None:
+        wanted = row.request.logprobs is not None
         row.result = GenerationResult(
             text=row.text,
             token_ids=list(row.generated),
@@ -473,6 +574,10 @@ def emit(row: _Row) -> None:
             prompt_tokens=len(row.prompt_ids),
             completion_tokens=row.sampled,
             adapter=row.adapter.key if row.adapter else None,
+            prompt_ids=list(row.prompt_ids),
+            logprobs=list(row.token_logprobs) if wanted else None,
+            prompt_logprobs=row.prompt_logprobs,
+            cumulative_logprob=cumulative(row.token_logprobs) if wanted else None,
         )
 
 

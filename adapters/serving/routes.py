@@ -16,7 +16,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from adaptory.adapters.serving import validation
+from adaptory.adapters.serving import protocol, validation
 from adaptory.adapters.serving.auth import require_api_key
 from adaptory.adapters.serving.http_errors import APIError, api_error, as_api_error
 from adaptory.adapters.serving.metrics import Metrics
@@ -24,7 +24,7 @@ from adaptory.adapters.serving.routing import Models
 from adaptory.adapters.serving.runtime import Runtime
 from adaptory.adapters.serving.scheduler import Job, Scheduler
 from adaptory.adapters.serving.settings import ServerSettings
-from adaptory.adapters.serving.streaming import Listener, generate, submit
+from adaptory.adapters.serving.streaming import Listener, Prompt, generate, submit
 from adaptory.registry.errors import AdaptoryError
 
 
@@ -101,7 +101,7 @@ async def openapi_schema(request: Request) -> JSONResponse:
     with `openapi_url=None`) would not be; this is it otherwise: a plain route, any method."""
     await require_api_key(request)
     app = request.app
-    schema = app.openapi()
+    schema = with_protocol_schemas(app.openapi())
     root_path = request.scope.get("root_path", "").rstrip("/")
     if root_path and app.root_path_in_servers:
         if root_path not in {s.get("url") for s in schema.get("servers", [])}:
@@ -109,16 +109,54 @@ async def openapi_schema(request: Request) -> JSONResponse:
     return JSONResponse(schema)
 
 
+def with_protocol_schemas(schema: dict) -> dict:
+    """The app's schema with the protocol models under components/schemas (the routes'
+    request bodies point there)."""
+    from pydantic.json_schema import models_json_schema
+
+    _, defs = models_json_schema(
+        [(m, "validation") for m in protocol.REQUESTS],
+        ref_template="#/components/schemas/{model}",
+    )
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(defs.get("$defs", {}))
+    return schema
+
+
 # -- OpenAI: models, completions, chat --------------------------------------------------------
 
 
-@openai_router.get("/v1/models")
+def _body(model) -> dict:
+    """A route's request body in /openapi.json: its protocol model (handlers read the raw body
+    themselves, after the key check, so FastAPI does not declare it)."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _answers(model, *, stream: bool = False) -> dict:
+    content = {"application/json": {"schema": model.model_json_schema()}}
+    if stream:
+        content["text/event-stream"] = {"schema": {"type": "string"}}
+    error = {"application/json": {"schema": protocol.ErrorResponse.model_json_schema()}}
+    return {200: {"content": content}, 400: {"description": "bad request", "content": error}}
+
+
+@openai_router.get("/v1/models", responses=_answers(protocol.ModelList))
 async def list_models(models: ModelsDep):
     data = await asyncio.to_thread(models.listing)
     return {"object": "list", "data": data}
 
 
-@openai_router.post("/v1/completions")
+@openai_router.get("/v1/models/{model_id:path}", responses=_answers(protocol.ModelCard))
+async def retrieve_model(model_id: str, models: ModelsDep):
+    return await asyncio.to_thread(models.card, model_id)
+
+
+@openai_router.post(
+    "/v1/completions",
+    openapi_extra=_body(protocol.CompletionRequest),
+    responses=_answers(protocol.CompletionResponse, stream=True),
+)
 async def completions(
     request: Request,
     settings: SettingsDep,
@@ -126,17 +164,42 @@ async def completions(
     schedulers: SchedulersDep,
     metrics: MetricsDep,
 ):
-    body = await validation.read_json(request)
-    prompt = validation.prompt(body)
-    rt, adapter = _generation_target(models, body)
-    ids = await asyncio.to_thread(rt.encode, prompt)
+    body = await validation.read(request, protocol.CompletionRequest)
+    rt, adapter = _generation_target(models, body.model)
+    prompts = await asyncio.to_thread(_prompts, rt, body.prompt)
     return await generate(
-        request, body, adapter, ids,
-        chat=False, base=rt.base_ref, settings=settings, schedulers=schedulers, metrics=metrics,
+        request, body, rt, adapter, prompts,
+        settings=settings, schedulers=schedulers, metrics=metrics,
     )  # fmt: skip
 
 
-@openai_router.post("/v1/chat/completions")
+def _prompts(rt: Runtime, prompt) -> list[Prompt]:
+    """`prompt` as (token ids, text) pairs: a string, strings, token ids or lists of them."""
+    if isinstance(prompt, str):
+        return [Prompt(rt.encode(prompt), prompt)]
+    if all(isinstance(p, int) for p in prompt):
+        prompt = [prompt]
+    out = []
+    vocab = len(rt.tokenizer)
+    for i, item in enumerate(prompt):
+        if isinstance(item, str):
+            out.append(Prompt(rt.encode(item), item))
+            continue
+        bad = next((t for t in item if t >= vocab), None)
+        if bad is not None:
+            raise APIError(
+                400, f"prompt[{i}]: token id {bad} is outside the vocabulary (0 … {vocab - 1})",
+                code="invalid_prompt",
+            )  # fmt: skip
+        out.append(Prompt(list(item), rt.decode(list(item))))
+    return out
+
+
+@openai_router.post(
+    "/v1/chat/completions",
+    openapi_extra=_body(protocol.ChatCompletionRequest),
+    responses=_answers(protocol.ChatCompletionResponse, stream=True),
+)
 async def chat_completions(
     request: Request,
     settings: SettingsDep,
@@ -144,44 +207,93 @@ async def chat_completions(
     schedulers: SchedulersDep,
     metrics: MetricsDep,
 ):
-    body = await validation.read_json(request)
-    messages = validation.messages(body.get("messages"))
-    rt, adapter = _generation_target(models, body)
+    body = await validation.read(request, protocol.ChatCompletionRequest)
+    rt, adapter = _generation_target(models, body.model)
+    rendered = await _render(rt, validation.messages(body.messages))
+    ids = await asyncio.to_thread(rt.encode, rendered, chat=True)
+    return await generate(
+        request, body, rt, adapter, [Prompt(ids, rendered)],
+        settings=settings, schedulers=schedulers, metrics=metrics,
+    )  # fmt: skip
+
+
+async def _render(rt: Runtime, messages: list[dict], *, add_generation_prompt: bool = True):
     try:
-        rendered = await asyncio.to_thread(rt.chat_prompt, messages)
+        return await asyncio.to_thread(
+            rt.render_chat, messages, add_generation_prompt=add_generation_prompt
+        )
     except AdaptoryError as exc:
         raise api_error(exc) from None
     except Exception as exc:  # a template that rejects the conversation (roles, order)
         raise APIError(400, f"chat template failed: {exc}", code="invalid_messages") from None
-    ids = await asyncio.to_thread(rt.encode, rendered, chat=True)
-    return await generate(
-        request, body, adapter, ids,
-        chat=True, base=rt.base_ref, settings=settings, schedulers=schedulers, metrics=metrics,
-    )  # fmt: skip
 
 
-def _generation_target(models: Models, body: dict) -> tuple[Runtime, str | None]:
-    rt, adapter = models.route(validation.require(body, "model"))
+def _generation_target(models: Models, model: str) -> tuple[Runtime, str | None]:
+    rt, adapter = models.route(model)
     if rt.task != "causal-lm":
-        raise APIError(
-            400, f"model '{body['model']}' is a classifier; use /v1/classify", code="wrong_task"
-        )
+        raise APIError(400, f"model '{model}' is a classifier; use /v1/classify", code="wrong_task")
     return rt, adapter
+
+
+# -- vLLM: tokenize, detokenize ------------------------------------------------------------------
+
+
+@openai_router.post(
+    "/tokenize",
+    openapi_extra=_body(protocol.TokenizeRequest),
+    responses=_answers(protocol.TokenizeResponse),
+)
+async def tokenize(request: Request, models: ModelsDep):
+    body = await validation.read(request, protocol.TokenizeRequest)
+    rt, _ = models.route(body.model)
+    if body.messages is not None:
+        text = await _render(
+            rt, validation.messages(body.messages), add_generation_prompt=body.add_generation_prompt
+        )
+        special = bool(body.add_special_tokens)  # a template writes its own special tokens
+    else:
+        text, special = body.prompt, body.add_special_tokens is not False
+    ids = await asyncio.to_thread(rt.encode, text, chat=not special)
+    strings = await asyncio.to_thread(rt.token_strings, ids) if body.return_token_strs else None
+    return {
+        "count": len(ids),
+        "max_model_len": rt.max_positions,
+        "tokens": ids,
+        "token_strs": strings,
+    }
+
+
+@openai_router.post(
+    "/detokenize",
+    openapi_extra=_body(protocol.DetokenizeRequest),
+    responses=_answers(protocol.DetokenizeResponse),
+)
+async def detokenize(request: Request, models: ModelsDep):
+    body = await validation.read(request, protocol.DetokenizeRequest)
+    rt, _ = models.route(body.model)
+    vocab = len(rt.tokenizer)
+    bad = next((t for t in body.tokens if t >= vocab), None)
+    if bad is not None:
+        raise APIError(
+            400, f"tokens: token id {bad} is outside the vocabulary (0 … {vocab - 1})",
+            code="invalid_value",
+        )  # fmt: skip
+    return {"prompt": await asyncio.to_thread(rt.decode, body.tokens)}
 
 
 # -- classify ---------------------------------------------------------------------------------
 
 
-@classify_router.post("/v1/classify")
+@classify_router.post("/v1/classify", openapi_extra=_body(protocol.ClassifyRequest))
 async def classify(
     request: Request, settings: SettingsDep, models: ModelsDep, schedulers: SchedulersDep
 ):
-    body = await validation.read_json(request)
-    texts = validation.texts(body, settings.max_classify_inputs)
-    rt, adapter = models.route(validation.require(body, "model"))
+    body = await validation.read(request, protocol.ClassifyRequest)
+    texts = validation.texts(body.input, settings.max_classify_inputs)
+    rt, adapter = models.route(body.model)
     if rt.task != "seq-cls":
         raise APIError(
-            400, f"model '{body['model']}' generates text; use /v1/completions", code="wrong_task"
+            400, f"model '{body.model}' generates text; use /v1/completions", code="wrong_task"
         )
     if adapter is None:
         raise APIError(
@@ -193,9 +305,11 @@ async def classify(
         classify=[(adapter, t) for t in texts],
     )
     submit(schedulers[rt.base_ref], job)
+    listener = Listener(request, [job])
     try:
-        kind, value = await Listener(request, job).next()
+        _, kind, value = await listener.next()
     finally:
+        listener.close()
         job.cancel()  # a no-op once done; else its remaining chunks are skipped
     if kind == "error":
         raise as_api_error(value)
@@ -209,14 +323,14 @@ async def classify(
 # -- admin: load and unload -------------------------------------------------------------------
 
 
-@admin_router.post("/v1/adapters/load")
+@admin_router.post("/v1/adapters/load", openapi_extra=_body(protocol.AdapterRequest))
 async def load_adapter(request: Request, models: ModelsDep):
     rt, adapter = await _admin_target(request, models)
     resident = await asyncio.to_thread(rt.load, adapter)
     return {"model": resident.key, "base": rt.base_ref, "resident": rt.resident()}
 
 
-@admin_router.post("/v1/adapters/unload")
+@admin_router.post("/v1/adapters/unload", openapi_extra=_body(protocol.AdapterRequest))
 async def unload_adapter(request: Request, models: ModelsDep):
     rt, adapter = await _admin_target(request, models)
     unloaded = await asyncio.to_thread(rt.unload, adapter)
@@ -224,8 +338,8 @@ async def unload_adapter(request: Request, models: ModelsDep):
 
 
 async def _admin_target(request: Request, models: Models) -> tuple[Runtime, str]:
-    body = await validation.read_json(request)
-    rt, adapter = models.route(validation.require(body, "model"))
+    body = await validation.read(request, protocol.AdapterRequest)
+    rt, adapter = models.route(body.model)
     if adapter is None:
         raise APIError(400, "the base is always loaded; name an adapter", code="invalid_model")
     return rt, adapter

@@ -4,6 +4,7 @@ reference), `base:<ref>` or the bare reference to the base itself; and the /v1/m
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from adaptory.adapters.serving.http_errors import APIError
@@ -73,15 +74,32 @@ class Models:
             data.append(model_card(name, entry, rt, rt.base_ref))
         return data
 
+    def card(self, model: str) -> dict:
+        """GET /v1/models/{model}: the card of whatever `model` routes to, under that id."""
+        rt, adapter = self.route(model)
+        entry = self.registry.resolve(adapter) if adapter is not None else None
+        return model_card(model, entry, rt, rt.base_ref)
+
 
 def model_card(model_id: str, entry, rt: Runtime, base: str) -> dict:
+    """vLLM's model card (`root`, `parent`, `max_model_len`) plus what Adaptory knows."""
     return {
         "id": model_id,
         "object": "model",
-        "created": 0,
+        "created": _epoch(entry.created_at) if entry else rt.created,
         "owned_by": "adaptory",
+        "root": entry.ref if entry else base,
+        "parent": f"base:{base}" if entry else None,
+        "max_model_len": rt.max_positions,
         "base": base,
         "task": entry.task if entry else rt.task,
         "method": entry.method if entry else None,
         "ref": entry.ref if entry else None,
     }
+
+
+def _epoch(iso: str) -> int:
+    try:
+        return int(datetime.fromisoformat(iso).timestamp())
+    except (TypeError, ValueError):
+        return 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
@@ -76,6 +77,7 @@ class Runtime:
                 f"unknown decode mode '{decode}'", hint=f"choose one of {DECODE_MODES}"
             )
         self.decode_mode = decode
+        self.created = int(time.time())  # /v1/models' `created` of the base
         self.base_ref = base_ref
         self.registry = registry
         self.max_adapters = max_adapters
@@ -254,12 +256,7 @@ class Runtime:
 
     def chat_prompt(self, messages: list[dict]) -> str:
         """Render chat messages with the tokenizer's chat template, ready for the reply."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ConfigError(f"base {self.base_ref} has no chat template")
-        with self._tok_lock:
-            return self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False
-            )
+        return self.render_chat(messages)
 
     def encode(self, text: str, *, chat: bool = False) -> list[int]:
         """Token ids of a prompt (special tokens added unless it was rendered by a chat template)."""
@@ -276,6 +273,22 @@ class Runtime:
     def decode(self, ids: list[int]) -> str:
         with self._tok_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """Each token's own text (special tokens as written), for logprobs and /tokenize."""
+        if not ids:
+            return []
+        with self._tok_lock:
+            return self.tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
+
+    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+        """Like chat_prompt, with the reply's opening optional (/tokenize)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError(f"base {self.base_ref} has no chat template")
+        with self._tok_lock:
+            return self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
 
     # -- generation -------------------------------------------------------------------------
 
@@ -296,7 +309,7 @@ class Runtime:
         if batch is None:
             batch = DecodeBatch(self, slots=max(1, len(requests)))
         items = [
-            (request, (lambda text, i=i: on_text(i, text)) if on_text else None)
+            (request, (lambda delta, i=i: on_text(i, delta.text)) if on_text else None)
             for i, request in enumerate(requests)
         ]
         try:

@@ -82,7 +82,7 @@ class SchedulerClosed(AdaptoryError):
 @dataclass
 class Job:
     """One request in flight; its events land on `events` (an asyncio.Queue) in order:
-    ("text", delta)*, then ("done", GenerationResult | list[dict]) or ("error", exception)."""
+    ("text", TextDelta)*, then ("done", GenerationResult | list[dict]) or ("error", exception)."""
 
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
@@ -338,7 +338,7 @@ class Scheduler:
 
     @staticmethod
     def _sink(job: Job):
-        return lambda text: job.emit("text", text)
+        return lambda delta: job.emit("text", delta)
 
     def _drop_cancelled(self) -> None:
         gone = [row for row in self.batch.rows if (job := self.jobs.get(id(row))) and job.cancelled]

@@ -15,6 +15,7 @@ class ServerSettings:
     max_tokens_limit: int = 512  # the largest max_tokens a request may ask for
     max_prompt_tokens: int = 2048
     default_max_tokens: int = 16
+    max_choices: int = 256  # prompts x (best_of or n) per request; more is refused (400)
     max_body_bytes: int = 1 << 20  # a request body over this is refused (413) unread
     max_classify_inputs: int = 128  # texts per /v1/classify request; more is refused (400)
     classify_chunk_rows: int = 16  # texts per encoder pass; other requests run between passes

@@ -1,6 +1,7 @@
-"""A completion's answer from its job's events: one JSON body, or server-sent events (OpenAI's
-chunks, then `data: [DONE]`). A request whose client goes away is cancelled: its batch row
-leaves at the next decode step, whether it was waiting, gathering or streaming."""
+"""A completion's answer from its jobs' events: one JSON body, or server-sent events (OpenAI's
+chunks, then `data: [DONE]`). A request is one job per choice (each prompt times `n`, or
+`best_of`); their events are merged as they come. A request whose client goes away is
+cancelled: its rows leave the batch at the next decode step, whether waiting or streaming."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from adaptory.adapters.serving import answers
 from adaptory.adapters.serving.http_errors import (
     APIError,
     ClientGone,
@@ -23,10 +25,11 @@ from adaptory.adapters.serving.http_errors import (
     error_body,
 )
 from adaptory.adapters.serving.metrics import Metrics
-from adaptory.adapters.serving.runtime import GenerationResult
+from adaptory.adapters.serving.protocol import ChatCompletionRequest, CompletionRequest
+from adaptory.adapters.serving.runtime import GenerationResult, Runtime
 from adaptory.adapters.serving.scheduler import Job, Scheduler, SchedulerClosed
 from adaptory.adapters.serving.settings import ServerSettings
-from adaptory.adapters.serving.validation import generation_request, stream_flags
+from adaptory.adapters.serving.validation import generation_requests, unsupported
 
 log = logging.getLogger("adaptory.server")
 
@@ -42,182 +45,206 @@ def submit(scheduler: Scheduler, job: Job) -> None:
 
 
 class Listener:
-    """Reads a job's events for its handler while watching the client: `next()` raises
-    ClientGone once the client has disconnected (checked every DISCONNECT_POLL_S, also while
-    events keep coming, as they do for a long non-streamed completion)."""
+    """Reads the events of a request's jobs for its handler while watching the client:
+    `next()` gives (job index, kind, value) as they come, and raises ClientGone once the client
+    has disconnected (checked every DISCONNECT_POLL_S, also while events keep coming)."""
 
-    def __init__(self, request: Request, job: Job) -> None:
-        self.request, self.job = request, job
+    def __init__(self, request: Request, jobs: list[Job]) -> None:
+        self.request, self.jobs = request, jobs
         self.checked = time.monotonic()
+        self.waiting: dict[asyncio.Future, int] = {}
+        self.open = set(range(len(jobs)))  # jobs that have not ended
+        self.watch = True  # poll for a disconnect (a streaming response watches for itself)
 
-    async def next(self) -> tuple[str, Any]:
+    async def next(self) -> tuple[int, str, Any]:
         while True:
             now = time.monotonic()
-            if now - self.checked >= DISCONNECT_POLL_S:
+            if self.watch and now - self.checked >= DISCONNECT_POLL_S:
                 self.checked = now
                 if await self.request.is_disconnected():
                     raise ClientGone
-            if not self.job.events.empty():
-                return self.job.events.get_nowait()
-            try:
-                return await asyncio.wait_for(self.job.events.get(), DISCONNECT_POLL_S)
-            except TimeoutError:
-                pass
+            listening = set(self.waiting.values())
+            for i in sorted(self.open - listening):
+                self.waiting[asyncio.ensure_future(self.jobs[i].events.get())] = i
+            done, _ = await asyncio.wait(
+                self.waiting, timeout=DISCONNECT_POLL_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            if done:
+                future = min(done, key=lambda f: self.waiting[f])
+                i = self.waiting.pop(future)
+                kind, value = future.result()
+                if kind != "text":
+                    self.open.discard(i)
+                return i, kind, value
+
+    def close(self) -> None:
+        for future in self.waiting:
+            future.cancel()
+        self.waiting.clear()
 
 
-class JobStream(StreamingResponse):
-    """Server-sent events of one job; however the response ends (done, or the client went
-    away mid-stream), the job is cancelled so its row leaves the batch at the next step."""
+class JobsStream(StreamingResponse):
+    """Server-sent events of a request's jobs; however the response ends (done, or the client
+    went away mid-stream), the jobs are cancelled so their rows leave the batch."""
 
-    def __init__(self, job: Job, content, **kwargs) -> None:
+    def __init__(self, jobs: list[Job], listener: Listener, content, **kwargs) -> None:
         super().__init__(content, **kwargs)
-        self.job = job
+        self.jobs, self.listener = jobs, listener
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.job.cancel()
+            self.listener.close()
+            for job in self.jobs:
+                job.cancel()
+
+
+@dataclass
+class Prompt:
+    """One prompt of a request: its token ids and its text (what `echo` sends back)."""
+
+    ids: list[int]
+    text: str
 
 
 async def generate(
     request: Request,
-    body: dict,
+    body: CompletionRequest | ChatCompletionRequest,
+    rt: Runtime,
     adapter: str | None,
-    ids: list[int],
+    prompts: list[Prompt],
     *,
-    chat: bool,
-    base: str,
     settings: ServerSettings,
     schedulers: dict[str, Scheduler],
     metrics: Metrics,
 ):
-    """Check the body's sampling fields, queue the job on `base`'s scheduler, and answer: a
-    JobStream when `stream` is set, else the whole completion as one body once it is done."""
-    generation = generation_request(body, settings, adapter, ids)
-    stream, include_usage = stream_flags(body)
-    if len(ids) > settings.max_prompt_tokens:
+    """Check the body's sampling fields, queue one job per choice on the base's scheduler,
+    and answer: an event stream when `stream` is set, else the whole answer once done."""
+    chat = isinstance(body, ChatCompletionRequest)
+    unsupported(body)
+    count = getattr(body, "best_of", None) or body.n
+    if len(prompts) * count > settings.max_choices:
         raise APIError(
-            400, f"the prompt has {len(ids)} tokens; this server takes at most "
-            f"{settings.max_prompt_tokens}", code="prompt_too_long",
+            400, f"{len(prompts)} prompts x {count} choices is over this server's limit of "
+            f"{settings.max_choices} choices per request", code="too_many_choices",
         )  # fmt: skip
-    job = Job(loop=asyncio.get_running_loop(), events=asyncio.Queue(), generation=generation)
-    submit(schedulers[base], job)
-    handed_over = False
-    events = Listener(request, job)
+    jobs: list[Job] = []
+    for prompt in prompts:
+        if len(prompt.ids) > settings.max_prompt_tokens:
+            raise APIError(
+                400, f"the prompt has {len(prompt.ids)} tokens; this server takes at most "
+                f"{settings.max_prompt_tokens}", code="prompt_too_long",
+            )  # fmt: skip
+        room = (rt.max_positions or settings.max_tokens_limit) - len(prompt.ids)
+        for generation in generation_requests(
+            body, settings, adapter, prompt.ids, room=room, count=count
+        ):
+            generation.fit_context = (
+                chat and body.max_tokens is None and (body.max_completion_tokens is None)
+            )
+            jobs.append(Job(asyncio.get_running_loop(), asyncio.Queue(), generation=generation))
+    loop = asyncio.get_running_loop()
+    start = loop.time()
     try:
-        first = await events.next()
-        if first[0] == "error":
-            raise as_api_error(first[1])
-        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        answer = Answer(ident, int(time.time()), body["model"], chat, include_usage)
-        if stream:
-            handed_over = True  # from here the response cancels the job when it ends
-            return JobStream(
-                job,
-                answer.events(job, first, metrics),
+        for job in jobs:
+            submit(schedulers[rt.base_ref], job)
+    except BaseException:
+        for job in jobs:
+            job.cancel()
+        raise
+    listener = Listener(request, jobs)
+    answer = answers.Answer(
+        ident=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
+        created=int(time.time()),
+        model=body.model,
+        chat=chat,
+        request=body,
+        prompts=prompts,
+        count=count,
+        tokens=rt.token_strings,
+    )
+    endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+    handed_over = False
+    try:
+        first = await listener.next()
+        if hasattr(metrics, "first_token"):  # TODO(lead): drop once metrics lands
+            metrics.first_token(endpoint, loop.time() - start)
+        if first[1] == "error":
+            raise as_api_error(first[2])
+        if body.stream:
+            handed_over = True  # from here the response cancels the jobs when it ends
+            listener.watch = False
+            return JobsStream(
+                jobs,
+                listener,
+                _events(answer, listener, first, metrics),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
+        results: dict[int, GenerationResult] = {}
         event = first
-        while event[0] == "text":
-            event = await events.next()
-        if event[0] == "error":
-            raise as_api_error(event[1])
-        result: GenerationResult = event[1]
-        metrics.tokens(result.prompt_tokens, result.completion_tokens)
-        return answer.body(result)
+        while True:
+            i, kind, value = event
+            if kind == "error":
+                raise as_api_error(value)
+            if kind == "done":
+                results[i] = value
+                if len(results) == len(jobs):
+                    break
+            event = await listener.next()
+        ordered = [results[i] for i in range(len(jobs))]
+        metrics.tokens(sum(len(p.ids) for p in prompts), sum(r.completion_tokens for r in ordered))
+        return answer.body(ordered)
     finally:
         if not handed_over:
-            job.cancel()  # a no-op once done; a client gone or an error frees the row
+            listener.close()
+            for job in jobs:
+                job.cancel()  # a no-op once done; a client gone or an error frees the rows
 
 
-@dataclass
-class Answer:
-    """One completion's answer: what each of its chunks or its body repeats, and their shape
-    (`text_completion` or `chat.completion`)."""
-
-    ident: str
-    created: int
-    model: str
-    chat: bool
-    include_usage: bool
-
-    async def events(self, job: Job, first, metrics: Metrics):
-        """The SSE lines from `first` on; never a cut stream without a reason: an error event
-        and [DONE] end it whatever fails."""
-        try:
-            if self.chat:
-                yield self.chunk(None, None, role=True)
-            event = first
-            while True:
-                if event[0] == "text":
-                    yield self.chunk(event[1], None)
-                elif event[0] == "done":
-                    result: GenerationResult = event[1]
-                    metrics.tokens(result.prompt_tokens, result.completion_tokens)
-                    yield self.chunk(None, result.finish_reason)
-                    if self.include_usage:
-                        yield self.chunk(None, None, usage=usage(result))
+async def _events(answer: answers.Answer, listener: Listener, first, metrics: Metrics):
+    """The SSE lines from `first` on; never a cut stream without a reason: an error event and
+    [DONE] end it whatever fails."""
+    try:
+        if answer.chat:
+            for index in range(answer.count * len(answer.prompts)):
+                yield _sse(answer.chunk(index, role=True))
+        done: dict[int, GenerationResult] = {}
+        event = first
+        while True:
+            i, kind, value = event
+            if kind == "text":
+                yield _sse(answer.chunk(i, delta=value))
+            elif kind == "done":
+                done[i] = value
+                yield _sse(answer.chunk(i, result=value))
+                if len(done) == len(listener.jobs):
                     break
-                else:
-                    yield _error_event(as_api_error(event[1]))
-                    break
-                event = await job.events.get()
-            yield "data: [DONE]\n\n"
-        except Exception as exc:
-            log.exception("stream failed")
-            yield _error_event(as_api_error(exc))
-            yield "data: [DONE]\n\n"
-
-    def chunk(
-        self, delta: str | None, finish: str | None, *, role: bool = False, usage=None
-    ) -> str:
-        if self.chat:
-            content = {"role": "assistant", "content": ""} if role else {}
-            if delta:
-                content["content"] = delta
-            choices = [{"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}]
-        else:
-            choices = [{"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}]
-        data = {
-            "id": self.ident,
-            "object": "chat.completion.chunk" if self.chat else "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }
-        if usage is not None:
-            data["choices"], data["usage"] = [], usage
-        elif self.include_usage:
-            data["usage"] = None
-        return f"data: {json.dumps(data)}\n\n"
-
-    def body(self, result: GenerationResult) -> dict:
-        choice: dict[str, Any] = {"index": 0}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": result.text}
-        else:
-            choice["text"] = result.text
-        choice.update(logprobs=None, finish_reason=result.finish_reason)
-        return {
-            "id": self.ident,
-            "object": "chat.completion" if self.chat else "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-            "usage": usage(result),
-            "adapter": result.adapter,
-        }
+            else:
+                yield _sse(error_body(*_error_fields(as_api_error(value))))
+                break
+            event = await listener.next()
+        if len(done) == len(listener.jobs):
+            results = [done[i] for i in range(len(done))]
+            metrics.tokens(
+                sum(len(p.ids) for p in answer.prompts),
+                sum(r.completion_tokens for r in results),
+            )
+            if answer.include_usage:
+                yield _sse(answer.usage_chunk(results))
+        yield "data: [DONE]\n\n"
+    except ClientGone:
+        return
+    except Exception as exc:
+        log.exception("stream failed")
+        yield _sse(error_body(*_error_fields(as_api_error(exc))))
+        yield "data: [DONE]\n\n"
 
 
-def usage(result: GenerationResult) -> dict:
-    return {
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens,
-        "total_tokens": result.prompt_tokens + result.completion_tokens,
-    }
+def _error_fields(error: APIError) -> tuple[str, str, str | None]:
+    return error.message, error.type, error.code
 
 
-def _error_event(error: APIError) -> str:
-    return f"data: {json.dumps(error_body(error.message, error.type, error.code))}\n\n"
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"

@@ -1,18 +1,34 @@
-"""Reading and type-checking request bodies: the raw body within `max_body_bytes`, then each
-field, so that a bad request is a 400 naming the field before any work is queued. Handlers read
-the raw `Request` (no pydantic body models), which is why /openapi.json declares no bodies."""
+"""Reading and checking request bodies: the raw body within `max_body_bytes`, then the protocol
+model (protocol.py) that type-checks every field, then the runtime's `GenerationRequest`s. A bad
+request is a 400 naming the field before any work is queued.
+
+Handlers read the raw `Request` themselves, after the route's dependencies (the API key), so a
+refused request is never read; the routes declare their protocol models for /openapi.json."""
 
 from __future__ import annotations
 
 import json
-import math
-from typing import Any
+from typing import TypeVar
 
 from fastapi import Request
+from pydantic import BaseModel, ValidationError
 
 from adaptory.adapters.serving.http_errors import APIError
+from adaptory.adapters.serving.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+)
 from adaptory.adapters.serving.runtime import GenerationRequest
 from adaptory.adapters.serving.settings import ServerSettings
+
+M = TypeVar("M", bound=BaseModel)
+
+# the error code of a bad value in each field (the rest: invalid_value)
+FIELD_CODES = {
+    "model": "invalid_model", "prompt": "invalid_prompt", "messages": "invalid_messages",
+    "input": "invalid_input", "stop": "invalid_stop",
+}  # fmt: skip
 
 
 async def read_json(request: Request) -> dict:
@@ -40,30 +56,70 @@ async def read_json(request: Request) -> dict:
     return body
 
 
-def require(body: dict, name: str) -> Any:
+async def read(request: Request, model: type[M]) -> M:
+    """The body checked against its protocol model."""
+    return parse(model, await read_json(request))
+
+
+def parse(model: type[M], body: dict) -> M:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise refusal(exc.errors(include_url=False)) from None
+    except RecursionError:
+        raise APIError(400, "the body is nested too deeply", code="invalid_json") from None
+
+
+def refusal(errors: list[dict]) -> APIError:
+    """The first validation error as a 400 naming its field (`messages[0].content`)."""
+    if not errors:
+        return APIError(400, "invalid request", code="invalid_request")
+    # a union reports an error per branch: the deepest one names the field best
+    first = max(errors, key=lambda e: len(_field_path(e)))
+    path = _field_path(first)
+    where = ""
+    for part in path:
+        where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else part)
+    top = path[0] if path else ""
+    if first.get("type") == "extra_forbidden":
+        return APIError(
+            400, f"unknown field '{where}': this server does not implement it",
+            code="unknown_parameter",
+        )  # fmt: skip
+    if first.get("type") == "missing" or (
+        path == ["model"] and first.get("input", 0) in ("", None)
+    ):
+        code = "missing_field" if len(path) == 1 else FIELD_CODES.get(str(top), "invalid_value")
+        return APIError(400, f"missing required field '{where}'", code=code)
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
+    got = json.dumps(first.get("input"), default=str)[:60] if "input" in first else None
+    text = f"'{where}': {message}" if where else message
+    if got is not None and first.get("type") != "value_error":
+        text += f" (got {got})"
+    return APIError(400, text, code=FIELD_CODES.get(str(top), "invalid_value"))
+
+
+def _field_path(error: dict) -> list:
+    """An error's location without union branch names (`str`, `list[TextPart]`)."""
+    return [
+        p for p in error.get("loc", ())
+        if isinstance(p, int) or (p not in BRANCHES and "[" not in p)
+    ]  # fmt: skip
+
+
+BRANCHES = {"str", "int", "float", "bool", "dict", "list", "TextPart", "function-after"}
+
+
+def require(body: dict, name: str):
     if body.get(name) in (None, ""):
         raise APIError(400, f"missing required field '{name}'", code="missing_field")
     return body[name]
 
 
-def prompt(body: dict) -> str:
-    """/v1/completions' `prompt`: one string (a list holding one string is taken too)."""
-    value = body.get("prompt")
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
-        value = value[0]
-    if not isinstance(value, str):
-        raise APIError(
-            400, "'prompt' must be a string (one prompt per request)", code="invalid_prompt"
-        )
-    return value
-
-
-def texts(body: dict, limit: int) -> list[str]:
+def texts(inputs: str | list[str], limit: int) -> list[str]:
     """/v1/classify's `input`: a string or a non-empty list of at most `limit` strings."""
-    value = body.get("input")
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
+    value = [inputs] if isinstance(inputs, str) else inputs
+    if not value:
         raise APIError(
             400, "'input' must be a string or a non-empty list of strings", code="invalid_input"
         )
@@ -75,147 +131,110 @@ def texts(body: dict, limit: int) -> list[str]:
     return value
 
 
-def messages(messages) -> list[dict]:
-    """Chat `messages` as [{"role", "content"}], text parts of a content list joined."""
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' must be a non-empty list", code="invalid_messages")
-    clean = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise APIError(400, f"messages[{i}] needs a 'role'", code="invalid_messages")
-        content = message.get("content")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            parts = []
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text":
-                    raise APIError(
-                        400, f"messages[{i}].content[{j}]: only text content is supported",
-                        code="invalid_messages",
-                    )  # fmt: skip
-                if not isinstance(part.get("text"), str):
-                    raise APIError(
-                        400, f"messages[{i}].content[{j}]: 'text' must be a string",
-                        code="invalid_messages",
-                    )  # fmt: skip
-                parts.append(part["text"])
-            content = "".join(parts)
-        if not isinstance(content, str):
-            raise APIError(400, f"messages[{i}] needs string 'content'", code="invalid_messages")
-        clean.append({"role": message["role"], "content": content})
-    return clean
+def messages(chat: list[ChatMessage]) -> list[dict]:
+    """Chat messages as the chat template takes them: text parts joined, tool calls kept."""
+    out = []
+    for message in chat:
+        content = message.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        clean: dict = {"role": message.role, "content": content if content is not None else ""}
+        if message.tool_calls:
+            clean["tool_calls"] = [c.model_dump(exclude_none=True) for c in message.tool_calls]
+        for key in ("name", "tool_call_id"):
+            if getattr(message, key) is not None:
+                clean[key] = getattr(message, key)
+        out.append(clean)
+    return out
 
 
-def stream_flags(body: dict) -> tuple[bool, bool]:
-    """(stream, stream_options.include_usage), type-checked."""
-    stream = _flag(body, "stream")
-    options = body.get("stream_options")
-    if options is None:
-        options = {}
-    if not isinstance(options, dict):
-        raise APIError(400, "'stream_options' must be an object", code="invalid_value")
-    return stream, _flag(options, "include_usage", "stream_options.include_usage")
-
-
-def generation_request(
-    body: dict, settings: ServerSettings, adapter, ids: list[int]
-) -> GenerationRequest:
-    """The sampling fields of a completion or chat body, checked, as the runtime's request."""
-    n = _number(body, "n", 1, int)
-    if n != 1:
-        raise APIError(400, "only n=1 is supported", code="unsupported_n")
-    _unsupported(body)
-    limit = settings.max_tokens_limit
-    max_tokens = _number(body, "max_tokens", None, int)
-    if max_tokens is None:
-        max_tokens = _number(body, "max_completion_tokens", settings.default_max_tokens, int)
-    if max_tokens < 1 or max_tokens > limit:
+def unsupported(request: CompletionRequest | ChatCompletionRequest) -> None:
+    """400 for fields whose meaning this server does not implement (never a silent ignore)."""
+    if request.response_format is not None and request.response_format.type != "text":
         raise APIError(
-            400,
-            f"max_tokens must be between 1 and {limit}, got {max_tokens}",
-            code="max_tokens_exceeded",
-        )
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is None:
-        stop = []
-    if (
-        not isinstance(stop, list)
-        or len(stop) > 4
-        or not all(isinstance(s, str) and s for s in stop)
-    ):
-        raise APIError(
-            400, "'stop' must be a string or a list of up to 4 strings", code="invalid_stop"
-        )
-    return GenerationRequest(
-        adapter=adapter,
-        prompt_ids=ids,
-        max_new_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, float, 0.0, 1.0),
-        seed=_number(body, "seed", None, int, 0, 2**63 - 1),  # torch seeds are 64-bit
-        stop=stop,
-    )
-
-
-def _number(body: dict, name: str, default, kind=float, low=None, high=None):
-    value = body.get(name)
-    if value is None:
-        return default
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or (kind is int and not isinstance(value, int))
-    ):
-        raise APIError(
-            400,
-            f"'{name}' must be {'an integer' if kind is int else 'a number'}",
-            code="invalid_value",
-        )
-    if isinstance(value, float) and not math.isfinite(value):  # json.loads accepts NaN, Infinity
-        raise APIError(400, f"'{name}' must be a finite number, got {value}", code="invalid_value")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise APIError(
-            400, f"'{name}' must be between {low} and {high}, got {value}", code="invalid_value"
-        )
-    return kind(value)
-
-
-def _flag(body: dict, name: str, where: str | None = None) -> bool:
-    """A boolean field (absent or null: false); "false", 0 and 1 are not booleans."""
-    value = body.get(name)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise APIError(
-            400, f"'{where or name}' must be true or false, got {json.dumps(value)[:40]}",
-            code="invalid_value",
+            400, f"response_format '{request.response_format.type}' is not supported: this "
+            "server has no constrained decoding; ask for JSON in the prompt and validate it",
+            code="unsupported_parameter",
         )  # fmt: skip
-    return value
-
-
-def _unsupported(body: dict) -> None:
-    """Refuse OpenAI options this server does not implement, and type-check the ignored ones."""
-    logprobs = body.get("logprobs")
-    if logprobs is not None and logprobs is not False:  # `in (None, False)` would let 0 in
-        raise APIError(400, "logprobs are not supported", code="unsupported_parameter")
-    best_of = body.get("best_of")
-    if best_of is not None and (
-        isinstance(best_of, bool) or not isinstance(best_of, int) or best_of != 1
+    if isinstance(request, CompletionRequest) and request.suffix:
+        raise APIError(
+            400, "suffix (fill-in-the-middle) is not supported", code="unsupported_parameter"
+        )
+    if (
+        isinstance(request, ChatCompletionRequest)
+        and request.tools
+        and request.tool_choice != "none"
     ):
-        raise APIError(400, "best_of is not supported (only 1)", code="unsupported_parameter")
-    if body.get("top_logprobs") is not None:
-        raise APIError(400, "top_logprobs is not supported", code="unsupported_parameter")
-    if _flag(body, "echo"):
-        raise APIError(400, "echo is not supported", code="unsupported_parameter")
-    if body.get("suffix") not in (None, ""):
-        raise APIError(400, "suffix is not supported", code="unsupported_parameter")
-    logit_bias = body.get("logit_bias")
-    if logit_bias is not None and not isinstance(logit_bias, dict):
-        raise APIError(400, "'logit_bias' must be an object", code="invalid_value")
-    if logit_bias:
-        raise APIError(400, "logit_bias is not supported", code="unsupported_parameter")
-    for name in ("frequency_penalty", "presence_penalty"):  # accepted and ignored
-        _number(body, name, 0.0, float, -2.0, 2.0)
-    if body.get("user") is not None and not isinstance(body["user"], str):
-        raise APIError(400, "'user' must be a string", code="invalid_value")
+        raise APIError(
+            400, "tools: this server has no tool-call parser configured; send the tools in "
+            "the prompt, or tool_choice 'none'", code="unsupported_parameter",
+        )  # fmt: skip
+
+
+def generation_requests(
+    request: CompletionRequest | ChatCompletionRequest,
+    settings: ServerSettings,
+    adapter: str | None,
+    prompt_ids: list[int],
+    *,
+    room: int,
+    count: int,
+) -> list[GenerationRequest]:
+    """`count` runtime requests (choices) for one prompt. `room`: positions the base has left
+    after the prompt, which a chat without `max_tokens` may fill (up to `--max-tokens-limit`)."""
+    chat = isinstance(request, ChatCompletionRequest)
+    limit = settings.max_tokens_limit
+    max_tokens = request.max_tokens
+    if chat:
+        max_tokens = max_tokens if max_tokens is not None else request.max_completion_tokens
+        if max_tokens is None:  # OpenAI: as long as the context allows
+            max_tokens = max(1, min(limit, room))
+    elif max_tokens is None:
+        max_tokens = settings.default_max_tokens
+    if max_tokens > limit:
+        raise APIError(
+            400, f"max_tokens must be at most {limit}, got {max_tokens}",
+            code="max_tokens_exceeded",
+        )  # fmt: skip
+    echo = not chat and request.echo
+    if max_tokens == 0 and not echo:
+        raise APIError(
+            400, "max_tokens 0 scores the prompt: it needs echo", code="max_tokens_exceeded"
+        )
+    if chat:
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    else:
+        logprobs = request.logprobs
+    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    bias = {}
+    for key, value in (request.logit_bias or {}).items():
+        if not key.isdigit() or int(key) >= 2**31:
+            raise APIError(400, f"logit_bias: '{key}' is not a token id", code="invalid_value")
+        bias[int(key)] = value
+    best_of = getattr(request, "best_of", None) or request.n
+    ranked = best_of > request.n  # best_of ranks choices by their cumulative logprob
+    out = []
+    for j in range(count):
+        out.append(
+            GenerationRequest(
+                adapter=adapter,
+                prompt_ids=prompt_ids,
+                max_new_tokens=max_tokens,
+                temperature=1.0 if request.temperature is None else request.temperature,
+                top_p=1.0 if request.top_p is None else request.top_p,
+                top_k=max(0, request.top_k or 0),
+                min_p=request.min_p or 0.0,
+                seed=None if request.seed is None else (request.seed + j) % 2**63,
+                stop=stop,
+                stop_token_ids=list(request.stop_token_ids or []),
+                ignore_eos=request.ignore_eos,
+                min_tokens=request.min_tokens,
+                logit_bias=bias,
+                presence_penalty=request.presence_penalty or 0.0,
+                frequency_penalty=request.frequency_penalty or 0.0,
+                repetition_penalty=request.repetition_penalty or 1.0,
+                logprobs=logprobs if logprobs is not None else (0 if ranked else None),
+                prompt_logprobs=logprobs if echo and logprobs is not None else None,
+            )
+        )
+    return out

@@ -178,8 +178,12 @@ ABUSE = [
     ("model with NUL", {"model": "lora-a\x00", "prompt": "x"}, "not found"),
     ("stop of 10,000 chars", {"model": "lora-a", "prompt": "x", "max_tokens": 2, "stop": ["s" * 10_000]}, None),
     ("stop list of 100", {"model": "lora-a", "prompt": "x", "stop": ["a"] * 100}, "stop"),
-    ("prompt list of 2", {"model": "lora-a", "prompt": ["a", "b"]}, "prompt"),
-    ("prompt token ids", {"model": "lora-a", "prompt": [1, 2, 3]}, "prompt"),
+    ("prompt list of 2", {"model": "lora-a", "prompt": ["a", "b"]}, None),
+    ("prompt list of 10,000", {"model": "lora-a", "prompt": ["a"] * 10_000, "max_tokens": 1}, "choices"),
+    ("token ids past the vocabulary", {"model": "lora-a", "prompt": [1, 2**30]}, "outside the vocabulary"),
+    ("token id list of lists of 1,000", {"model": "lora-a", "prompt": [[1]] * 1000, "n": 16}, "choices"),
+    ("logit_bias of 10,000 entries", {"model": "lora-a", "prompt": "x", "logit_bias": {str(i): 1 for i in range(10_000)}}, "logit_bias"),
+    ("prompt token ids", {"model": "lora-a", "prompt": [1, 2, 3]}, None),
     ("messages content list of images", {"model": "lora-a", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text"),
     ("messages role object", {"model": "lora-a", "messages": [{"role": {}, "content": "x"}]}, "role"),
     ("unknown role", {"model": "lora-a", "messages": [{"role": "wizard", "content": "x"}], "max_tokens": 2}, None),
@@ -189,7 +193,8 @@ ABUSE = [
     ("stream_options a list", {"model": "lora-a", "prompt": "x", "stream": True, "stream_options": []}, "stream_options"),
     ("include_usage 'yes'", {"model": "lora-a", "prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}}, "include_usage"),
     ("best_of true", {"model": "lora-a", "prompt": "x", "best_of": True}, "best_of"),
-    ("logprobs 0", {"model": "lora-a", "prompt": "x", "logprobs": 0}, "logprobs"),
+    ("logprobs 0", {"model": "lora-a", "prompt": "x", "logprobs": 0}, None),
+    ("logprobs 10**6", {"model": "lora-a", "prompt": "x", "logprobs": 10**6}, "logprobs"),
     ("chat part text an int", {"model": "lora-a", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "text"),
     ("chat part text an object", {"model": "lora-a", "messages": [{"role": "user", "content": [{"type": "text", "text": {"a": 1}}]}]}, "text"),
     ("classify 129 texts", {"model": "lora-a", "input": ["x"] * 129}, "at most 128"),
@@ -339,7 +344,7 @@ def test_a_client_that_sends_headers_and_vanishes_changes_nothing(live):
     while time.monotonic() < deadline:
         metrics = client.get("/metrics").text
         active = [ln for ln in metrics.splitlines() if ln.startswith("adaptory_active_rows{")]
-        if all(ln.endswith(" 0") for ln in active):
+        if all(float(ln.rsplit(" ", 1)[1]) == 0 for ln in active):
             break
         time.sleep(0.2)
     else:

@@ -335,7 +335,7 @@ def test_a_failing_row_admitted_with_others_leaves_their_text_untouched(setup, l
     for events, solo in zip((answers[0], answers[2]), alone, strict=True):
         kinds = [kind for kind, _ in events]
         assert kinds[-1] == "done" and kinds.count("done") == 1, kinds
-        assert "".join(v for k, v in events if k == "text") == solo.text
+        assert "".join(v.text for k, v in events if k == "text") == solo.text
         assert events[-1][1].text == solo.text
     assert scheduler.admitted == 3  # one admission, nobody re-added
     (kind, error), *rest = answers[1]

@@ -118,7 +118,7 @@ def test_openai_client_works_unchanged(live, tiny_llama_dir):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="ghost", prompt="x", max_tokens=2)
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="lora-a", prompt="x", max_tokens=2, n=2)
+        client.completions.create(model="lora-a", prompt="x", max_tokens=2, logprobs=21)
 
 
 async def _stream(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> str:
