@@ -1,20 +1,37 @@
-"""The server's Prometheus metrics (docs/SERVER.md lists them): requests by endpoint and status,
-latency histograms, tokens, and per-base gauges read from the runtimes and schedulers."""
+"""The server's Prometheus metrics (docs/SERVER.md lists them), kept by prometheus_client: requests
+by endpoint and status, latency, time to first token and per output token, tokens, and per-base
+gauges read from the runtimes and schedulers at scrape time."""
 
 from __future__ import annotations
 
-import threading
-from collections import defaultdict
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from adaptory.adapters.serving.runtime import Runtime
 from adaptory.adapters.serving.scheduler import Scheduler
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-# the endpoint label of the request metrics; a request to any other path counts as "other"
-ENDPOINTS = (
-    "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/classify",
-    "/v1/adapters/load", "/v1/adapters/unload", "/health", "/metrics",
+# the first token waits for admission and a whole prefill, so finer low buckets than the latency's
+FIRST_TOKEN_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
+PER_TOKEN_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
+)  # fmt: skip
+MODEL_TEMPLATE = "/v1/models/{model}"
+# the endpoint label of the request metrics: these paths, the template above for any
+# /v1/models/<id>, and "other" for any other path (a label never takes a client's path verbatim)
+ENDPOINTS = (
+    "/v1/models", MODEL_TEMPLATE, "/v1/completions", "/v1/chat/completions", "/v1/classify",
+    "/tokenize", "/detokenize", "/v1/adapters/load", "/v1/adapters/unload", "/health", "/metrics",
+)  # fmt: skip
+_MODELS_PREFIX = "/v1/models/"
 
 # (metric, kind, help, key of Runtime.stats())
 PER_BASE = (
@@ -31,74 +48,95 @@ PER_SCHEDULER = (
     ("adaptory_queued_classify_texts", "gauge", "Texts of classify requests waiting for their chunk.", "classify_backlog"),
     ("adaptory_cancelled_requests_total", "counter", "Requests dropped because their client went away.", "cancelled"),
 )  # fmt: skip
+_FAMILIES = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily}
+
+
+def endpoint_label(path: str) -> str:
+    """The `endpoint` label of a request to `path`: one of ENDPOINTS or "other"."""
+    if path in ENDPOINTS and path != MODEL_TEMPLATE:
+        return path
+    if path.startswith(_MODELS_PREFIX) and len(path) > len(_MODELS_PREFIX):
+        return MODEL_TEMPLATE
+    return "other"
 
 
 class Metrics:
-    """Counters and a latency histogram, rendered in the Prometheus text format."""
+    """What the server counts, in a registry of its own (apps in one process never share
+    series), rendered in the Prometheus text format with the per-base families."""
+
+    content_type = CONTENT_TYPE_LATEST  # what `render` writes, as prometheus_client names it
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = defaultdict(int)
-        self.prompt_tokens = 0
-        self.generated_tokens = 0
-        self.latency: dict[str, list[int]] = {}
-        self.latency_sum: dict[str, float] = defaultdict(float)
-        self.latency_count: dict[str, int] = defaultdict(int)
+        self.registry = CollectorRegistry()
+        # prometheus_client appends `_total` to a counter's name itself
+        self.requests = Counter(
+            "adaptory_requests", "HTTP requests by endpoint and status.",
+            ["endpoint", "status"], registry=self.registry,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "adaptory_request_latency_seconds", "Request latency, until the response ends.",
+            ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.prompt_tokens = Counter(
+            "adaptory_prompt_tokens", "Prompt tokens processed.", registry=self.registry
+        )
+        self.generated_tokens = Counter(
+            "adaptory_generated_tokens", "Tokens generated.", registry=self.registry
+        )
+        self.time_to_first_token = Histogram(
+            "adaptory_time_to_first_token_seconds",
+            "From a generation request's jobs queued to its first token.",
+            ["endpoint"], buckets=FIRST_TOKEN_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.time_per_output_token = Histogram(
+            "adaptory_time_per_output_token_seconds",
+            "Mean time between a choice's output tokens after its first.",
+            ["endpoint"], buckets=PER_TOKEN_BUCKETS, registry=self.registry,
+        )  # fmt: skip
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
-        with self.lock:
-            self.requests[endpoint, status] += 1
-            buckets = self.latency.setdefault(endpoint, [0] * len(LATENCY_BUCKETS))
-            for i, bound in enumerate(LATENCY_BUCKETS):
-                if seconds <= bound:
-                    buckets[i] += 1
-            self.latency_sum[endpoint] += seconds
-            self.latency_count[endpoint] += 1
+        """One finished request: its endpoint label, status and latency."""
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
 
     def tokens(self, prompt: int, generated: int) -> None:
-        with self.lock:
-            self.prompt_tokens += prompt
-            self.generated_tokens += generated
+        self.prompt_tokens.inc(prompt)
+        self.generated_tokens.inc(generated)
+
+    def first_token(self, endpoint: str, seconds: float) -> None:
+        """A generation request's time from its jobs queued to its first token."""
+        self.time_to_first_token.labels(endpoint).observe(seconds)
+
+    def per_output_token(self, endpoint: str, seconds: float) -> None:
+        """One choice's (last token time - first token time) / (tokens - 1); only for choices
+        of two tokens or more."""
+        self.time_per_output_token.labels(endpoint).observe(seconds)
 
     def render(self, bases: dict[str, Runtime], schedulers: dict[str, Scheduler]) -> str:
-        with self.lock:
-            out = self._counted()
-        stats = {ref: rt.stats() for ref, rt in bases.items()}
+        return generate_latest(_Scrape(self.registry, bases, schedulers)).decode()
+
+
+class _Scrape:
+    """One scrape (a prometheus_client Collector): the registry's families without their
+    `_created` samples, then the per-base families read from `bases` and `schedulers` now."""
+
+    def __init__(self, registry: CollectorRegistry, bases, schedulers) -> None:
+        self.registry, self.bases, self.schedulers = registry, bases, schedulers
+
+    def collect(self):
+        # `_created` samples would add a series per label set that the text format never uses;
+        # prometheus_client.disable_created_metrics() would turn them off for the whole process
+        for family in self.registry.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
+        stats = {ref: rt.stats() for ref, rt in self.bases.items()}
         for name, kind, help_text, key in PER_BASE:
-            out += _family(name, kind, help_text)
+            family = _FAMILIES[kind](name, help_text, labels=["base"])
             for ref, values in stats.items():
-                out.append(f'{name}{{base="{_escape(ref)}"}} {values[key]}')
+                family.add_metric([ref], values[key])
+            yield family
         for name, kind, help_text, attribute in PER_SCHEDULER:
-            out += _family(name, kind, help_text)
-            for ref, scheduler in schedulers.items():
-                value = getattr(scheduler, attribute)
-                out.append(f'{name}{{base="{_escape(ref)}"}} {value}')
-        return "\n".join(out) + "\n"
-
-    def _counted(self) -> list[str]:
-        """The lines of what this object counts itself (the caller holds the lock)."""
-        out = _family("adaptory_requests_total", "counter", "HTTP requests by endpoint and status.")
-        for (endpoint, status), n in sorted(self.requests.items()):
-            out.append(f'adaptory_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
-        out += _family("adaptory_prompt_tokens_total", "counter", "Prompt tokens processed.")
-        out.append(f"adaptory_prompt_tokens_total {self.prompt_tokens}")
-        out += _family("adaptory_generated_tokens_total", "counter", "Tokens generated.")
-        out.append(f"adaptory_generated_tokens_total {self.generated_tokens}")
-        name = "adaptory_request_latency_seconds"
-        out += _family(name, "histogram", "Request latency.")
-        for endpoint, buckets in sorted(self.latency.items()):
-            for bound, n in zip(LATENCY_BUCKETS, buckets, strict=True):
-                out.append(f'{name}_bucket{{endpoint="{endpoint}",le="{bound}"}} {n}')
-            count = self.latency_count[endpoint]
-            out.append(f'{name}_bucket{{endpoint="{endpoint}",le="+Inf"}} {count}')
-            out.append(f'{name}_sum{{endpoint="{endpoint}"}} {self.latency_sum[endpoint]:.6f}')
-            out.append(f'{name}_count{{endpoint="{endpoint}"}} {count}')
-        return out
-
-
-def _family(name: str, kind: str, help_text: str) -> list[str]:
-    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            family = _FAMILIES[kind](name, help_text, labels=["base"])
+            for ref, scheduler in self.schedulers.items():
+                family.add_metric([ref], getattr(scheduler, attribute))
+            yield family

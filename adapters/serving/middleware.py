@@ -10,7 +10,7 @@ import time
 from fastapi.responses import JSONResponse
 
 from adaptory.adapters.serving.http_errors import as_api_error, error_body
-from adaptory.adapters.serving.metrics import ENDPOINTS, Metrics
+from adaptory.adapters.serving.metrics import Metrics, endpoint_label
 
 log = logging.getLogger("adaptory.server")
 
@@ -47,5 +47,4 @@ class ErrorsAndMetrics:
                 error_body(error.message, error.type, error.code), status_code=error.status
             )(scope, receive, send_and_note)
         finally:
-            endpoint = path if path in ENDPOINTS else "other"
-            self.metrics.observe(endpoint, status or 500, time.perf_counter() - start)
+            self.metrics.observe(endpoint_label(path), status or 500, time.perf_counter() - start)

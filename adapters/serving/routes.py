@@ -91,9 +91,7 @@ OPEN_PATHS = frozenset(route.path for route in health_router.routes)  # never be
 
 @metrics_router.get("/metrics", response_class=PlainTextResponse)
 async def metrics_endpoint(metrics: MetricsDep, runtimes: RuntimesDep, schedulers: SchedulersDep):
-    return PlainTextResponse(
-        metrics.render(runtimes, schedulers), media_type="text/plain; version=0.0.4"
-    )
+    return PlainTextResponse(metrics.render(runtimes, schedulers), media_type=metrics.content_type)
 
 
 async def openapi_schema(request: Request) -> JSONResponse:

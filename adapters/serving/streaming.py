@@ -168,17 +168,18 @@ async def generate(
     handed_over = False
     try:
         first = await listener.next()
-        if hasattr(metrics, "first_token"):  # TODO(lead): drop once metrics lands
-            metrics.first_token(endpoint, loop.time() - start)
         if first[1] == "error":
             raise as_api_error(first[2])
+        metrics.first_token(endpoint, loop.time() - start)
+        timing = Timing(metrics, endpoint, loop)
+        timing.saw(first)
         if body.stream:
             handed_over = True  # from here the response cancels the jobs when it ends
             listener.watch = False
             return JobsStream(
                 jobs,
                 listener,
-                _events(answer, listener, first, metrics),
+                _events(answer, listener, first, metrics, timing),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -193,6 +194,7 @@ async def generate(
                 if len(results) == len(jobs):
                     break
             event = await listener.next()
+            timing.saw(event)
         ordered = [results[i] for i in range(len(jobs))]
         metrics.tokens(sum(len(p.ids) for p in prompts), sum(r.completion_tokens for r in ordered))
         return answer.body(ordered)
@@ -203,7 +205,9 @@ async def generate(
                 job.cancel()  # a no-op once done; a client gone or an error frees the rows
 
 
-async def _events(answer: answers.Answer, listener: Listener, first, metrics: Metrics):
+async def _events(
+    answer: answers.Answer, listener: Listener, first, metrics: Metrics, timing: Timing
+):
     """The SSE lines from `first` on; never a cut stream without a reason: an error event and
     [DONE] end it whatever fails."""
     try:
@@ -225,6 +229,7 @@ async def _events(answer: answers.Answer, listener: Listener, first, metrics: Me
                 yield _sse(error_body(*_error_fields(as_api_error(value))))
                 break
             event = await listener.next()
+            timing.saw(event)
         if len(done) == len(listener.jobs):
             results = [done[i] for i in range(len(done))]
             metrics.tokens(
@@ -240,6 +245,23 @@ async def _events(answer: answers.Answer, listener: Listener, first, metrics: Me
         log.exception("stream failed")
         yield _sse(error_body(*_error_fields(as_api_error(exc))))
         yield "data: [DONE]\n\n"
+
+
+class Timing:
+    """Time per output token of each choice: from its first event to its end, over the
+    tokens after the first (what `adaptory_time_per_output_token_seconds` records)."""
+
+    def __init__(self, metrics: Metrics, endpoint: str, loop) -> None:
+        self.metrics, self.endpoint, self.loop = metrics, endpoint, loop
+        self.first: dict[int, float] = {}
+
+    def saw(self, event: tuple[int, str, Any]) -> None:
+        i, kind, value = event
+        now = self.loop.time()
+        self.first.setdefault(i, now)
+        if kind == "done" and value.completion_tokens > 1:
+            spent = (now - self.first[i]) / (value.completion_tokens - 1)
+            self.metrics.per_output_token(self.endpoint, spent)
 
 
 def _error_fields(error: APIError) -> tuple[str, str, str | None]:
