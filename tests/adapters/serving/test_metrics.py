@@ -285,8 +285,9 @@ def test_served_requests_record_their_first_token_and_per_token_time(served):
     observation per request, and one per-output-token observation per choice of 2+ tokens;
     a refused request records neither."""
     client, _ = served
-    ttft, tpot = "adaptory_time_to_first_token_seconds_count", (
-        "adaptory_time_per_output_token_seconds_count"
+    ttft, tpot = (
+        "adaptory_time_to_first_token_seconds_count",
+        ("adaptory_time_per_output_token_seconds_count"),
     )
     before = scrape(client)
     body = {"model": "lora-a", "prompt": ["the cat", "a dog"], "max_tokens": 4, "n": 2}
