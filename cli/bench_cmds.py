@@ -205,6 +205,16 @@ def http_cmd(app: App, clients, requests, new_tokens, k, no_hf, hf_compile, **op
          hf=not no_hf, hf_compile=hf_compile)  # fmt: skip
 
 
+@bench_group.command("scoring")
+@_common
+@click.option("--batch", type=click.IntRange(1), help="Prompts in the batch (default 32; quick 8).")
+@pass_app
+def scoring_cmd(app: App, batch, **options) -> None:
+    """Scoring prompts (echo + max_tokens 0, as lm-eval's loglikelihood tasks ask) against one
+    prefill of the same mixed-adapter batch."""
+    _run(app, "scoring", options, batch=batch)
+
+
 @bench_group.command("memory")
 @_common
 @click.option(

@@ -30,6 +30,7 @@ from adaptory.adapters.bench.harness import (
 )
 from adaptory.adapters.bench.http import bench_http, serve_available, wait_healthy
 from adaptory.adapters.bench.memory import bench_memory
+from adaptory.adapters.bench.scoring import bench_scoring
 from adaptory.adapters.bench.serve import bench_serve, plot_serve
 from adaptory.adapters.bench.swap import bench_swap
 from adaptory.adapters.bench.train import bench_train
@@ -76,6 +77,7 @@ BENCHES: dict[str, Callable[..., dict]] = {
     "memory": bench_memory,
     "train": bench_train,
     "http": bench_http,
+    "scoring": bench_scoring,
 }
 
 

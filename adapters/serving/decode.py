@@ -22,6 +22,7 @@ row model.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -261,9 +262,10 @@ class DecodeBatch:
         key, adapter = rt._acquire(request.adapter)
         try:
             generator = torch.Generator()
-            generator.manual_seed(
-                request.seed if request.seed is not None else torch.seed() % 2**63
-            )
+            # unseeded: fresh entropy (torch.seed() would also reseed the global generator,
+            # and costs a captured stack trace per call before CUDA is initialised)
+            seed = request.seed
+            generator.manual_seed(seed if seed is not None else secrets.randbits(63))
             prefix = adapter.num_virtual_tokens if adapter is not None else 0
             row = _Row(
                 request, key, adapter, ids, generator, on_text, IncrementalText(rt.tokenizer)
@@ -329,9 +331,7 @@ class DecodeBatch:
             hidden = self._decoder(ids, cols, start, view)
         last = torch.tensor([len(r.prompt_ids) - 1 for r in rows], device=self.device)
         logits = self.head(hidden[torch.arange(m, device=self.device), last]).float()
-        for i, row in enumerate(rows):  # echo scoring: from this same forward
-            if row.request.prompt_logprobs is not None:
-                row.prompt_logprobs = self._prompt_logprobs(row, hidden[i])
+        self._prompt_logprobs(rows, hidden)  # echo scoring, from this same forward
         for i, row in enumerate(rows):
             slot = start + i
             self.lengths[slot] = row.prefix_len + len(row.prompt_ids)
@@ -341,15 +341,25 @@ class DecodeBatch:
         self.positions[start : start + m] = torch.tensor(self.lengths[start : start + m])
         return logits
 
-    def _prompt_logprobs(self, row: _Row, hidden: torch.Tensor) -> list[TokenLogprob | None]:
-        """Each prompt token's log-probability given the tokens before it (None for the first),
-        from the prefill's hidden states of the row's prompt positions."""
-        ids = row.prompt_ids
-        if len(ids) < 2:
-            return [None] * len(ids)
-        logits = self.head(hidden[: len(ids) - 1])
-        k = row.request.prompt_logprobs
-        return [None, *token_logprobs(logits, ids[1:], [k] * (len(ids) - 1))]
+    def _prompt_logprobs(self, rows: list[_Row], hidden: torch.Tensor) -> None:
+        """Each scoring row's prompt tokens' log-probabilities given the tokens before them
+        (None for the first), from the prefill's hidden states: one head pass and one
+        log-softmax over every scored position of the batch."""
+        scoring = [(i, r) for i, r in enumerate(rows) if r.request.prompt_logprobs is not None]
+        if not scoring:
+            return
+        states, targets, ks = [], [], []
+        for i, row in scoring:
+            n = len(row.prompt_ids) - 1
+            states.append(hidden[i, :n])
+            targets += row.prompt_ids[1:]
+            ks += [row.request.prompt_logprobs] * n
+        entries = token_logprobs(self.head(torch.cat(states)), targets, ks)
+        at = 0
+        for _, row in scoring:
+            n = len(row.prompt_ids) - 1
+            row.prompt_logprobs = [None, *entries[at : at + n]] if row.prompt_ids else []
+            at += n
 
     # -- one step -------------------------------------------------------------------------------
 

@@ -26,13 +26,15 @@ def token_logprobs(
     tokens. Log-softmax in float32, whatever the model's dtype."""
     if not len(tokens):
         return []
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    index = torch.tensor(list(tokens), dtype=torch.long, device=logp.device)
-    chosen = logp.gather(1, index[:, None])[:, 0].tolist()
-    k = min(max(ks, default=0), logp.shape[-1])
+    logits = logits.float()
+    # log-softmax only where it is read: logit − logsumexp (no vocabulary-sized copy)
+    total = torch.logsumexp(logits, dim=-1)
+    index = torch.tensor(list(tokens), dtype=torch.long, device=logits.device)
+    chosen = (logits.gather(1, index[:, None])[:, 0] - total).tolist()
+    k = min(max(ks, default=0), logits.shape[-1])
     if k:
-        values, ids = torch.topk(logp, k, dim=-1)
-        values, ids = values.tolist(), ids.tolist()
+        values, ids = torch.topk(logits, k, dim=-1)
+        values, ids = (values - total[:, None]).tolist(), ids.tolist()
     out = []
     for i, token in enumerate(tokens):
         top = list(zip(ids[i][: ks[i]], values[i][: ks[i]], strict=True)) if k else []
