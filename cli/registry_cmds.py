@@ -58,6 +58,12 @@ def key_metric(metrics: dict) -> str:
     help="Tag the new version (repeatable); moves the tag from older versions.",
 )
 @click.option("--description", help="A one-line description stored with the entry.")
+@click.option(
+    "--store-only",
+    is_flag=True,
+    help="Keep an adapter Adaptory cannot serve or merge (IA3, prompt tuning, DoRA, ...); "
+    "serve and merge refuse it.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the new entry as JSON.")
 @pass_app
 def import_cmd(
@@ -67,13 +73,14 @@ def import_cmd(
     base: str | None,
     tags: tuple[str, ...],
     description: str | None,
+    store_only: bool,
     as_json: bool,
 ) -> None:
     """Import a PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
 
     The folder is validated (no pickle files, symlinks or subfolders; a config the installed PEFT
-    understands; a consistent safetensors header), copied and hashed; nothing is written if any
-    check fails.
+    understands; a consistent safetensors header; a method and options the server implements,
+    unless --store-only), copied and hashed; nothing is written if any check fails.
     """
     entry = app.registry.add(
         path,
@@ -82,6 +89,7 @@ def import_cmd(
         tags=tags,
         description=description,
         parents=[{"imported_from": str(path.resolve())}],
+        servable=not store_only,
     )
     if as_json:
         echo_json(entry.to_dict())

@@ -85,6 +85,7 @@ class AdapterFolder:
 
     config: dict
     files: list[str]
+    tensors: dict = dataclasses.field(default_factory=dict)  # name -> TensorInfo
 
 
 @dataclass(frozen=True)
@@ -183,8 +184,44 @@ def validate_adapter_folder(folder: Path) -> AdapterFolder:
     folder = Path(folder)
     files = scan_folder(folder)
     config = read_config(folder / CONFIG_FILE)
-    check_weights(folder / WEIGHTS_FILE, config)
-    return AdapterFolder(config=config, files=files)
+    tensors = check_weights(folder / WEIGHTS_FILE, config)
+    return AdapterFolder(config=config, files=files, tensors=tensors)
+
+
+# LoRA options PEFT saves that the serving runtime (and merging) do not implement
+UNSERVABLE_LORA_OPTIONS = (
+    "use_dora", "lora_bias", "use_qalora", "use_bdlora", "layer_replication",
+    "trainable_token_indices", "target_parameters", "alora_invocation_tokens", "fan_in_fan_out",
+)  # fmt: skip
+SERVABLE_TYPES = ("LORA", "PREFIX_TUNING")
+_LINEAR_LORA = re.compile(r"\.lora_[AB](?:\.[^.]+)?\.weight$")
+
+
+def serving_refusal(folder: AdapterFolder) -> str | None:
+    """Why no base could serve this (valid) adapter, or None: what Adaptory's runtime refuses
+    whatever the base (a PEFT method or option it does not implement, full module weights on a
+    generation adapter). Whether it fits a given base is checked when it loads."""
+    config = folder.config
+    peft_type = config["peft_type"]
+    if peft_type not in SERVABLE_TYPES:
+        return f"peft_type {peft_type} is stored by PEFT but not served or merged by Adaptory"
+    if peft_type == "PREFIX_TUNING":
+        if (config.get("num_transformer_submodules") or 1) != 1:
+            return "encoder-decoder prefix tuning is not servable"
+        return None
+    for option in UNSERVABLE_LORA_OPTIONS:
+        if config.get(option):
+            return f"LoRA option '{option}' is not servable"
+    if config.get("bias", "none") != "none":
+        return f"LoRA bias='{config['bias']}' is not servable"
+    for key in folder.tensors:
+        if _LINEAR_LORA.search(key):
+            continue
+        if ".lora_" in key:
+            return f"tensor {_short(key, 200)} is not a linear LoRA weight"
+        if config.get("task_type") != "SEQ_CLS":  # a classifier's head is a saved module
+            return f"saves full module weights ({_short(key, 200)}); only LoRA weights are servable"
+    return None
 
 
 # --- adapter_config.json ---------------------------------------------------------------------

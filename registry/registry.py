@@ -27,6 +27,7 @@ from adaptory.registry.adapter_files import (
     WEIGHTS_FILE,
     check_weights,
     read_config,
+    serving_refusal,
     validate_adapter_folder,
 )
 from adaptory.registry.catalog import Catalog, now_iso
@@ -178,13 +179,21 @@ class Registry:
         tags: Iterable[str] = (),
         description: str | None = None,
         extra: dict | None = None,
+        servable: bool = False,
     ) -> Entry:
-        """Store a PEFT adapter folder as the next version of `name`; return the new entry."""
+        """Store a PEFT adapter folder as the next version of `name`; return the new entry.
+        With `servable`, refuse an adapter that no base could serve (`serving_refusal`)."""
         validate_name(name)
         tags = [validate_tag(tag) for tag in dict.fromkeys(tags)]
         src_dir = Path(src_dir)
         folder = validate_adapter_folder(src_dir)
         config = folder.config
+        if servable and (reason := serving_refusal(folder)):
+            raise InvalidAdapter(
+                f"{src_dir}: {reason}",
+                hint="Adaptory serves and merges LoRA and prefix-tuning adapters; to keep it "
+                "anyway: adaptory import --store-only",
+            )
         values = {
             "name": name,
             "method": method or method_from_peft_type(config.get("peft_type")),

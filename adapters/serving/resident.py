@@ -11,13 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from adaptory.adapters.bases.loading import check_fingerprint
+from adaptory.registry.adapter_files import UNSERVABLE_LORA_OPTIONS
 from adaptory.registry.errors import ConfigError, InvalidAdapter
 
 # LoRA options whose math the mixed-batch layers do not implement; refused at load, not ignored.
-_UNSUPPORTED_LORA = (
-    "use_dora", "lora_bias", "use_qalora", "use_bdlora", "layer_replication",
-    "trainable_token_indices", "target_parameters", "alora_invocation_tokens", "fan_in_fan_out",
-)  # fmt: skip
 
 
 @dataclass
@@ -84,7 +81,7 @@ def read_adapter(rt, entry) -> ResidentAdapter:
     if adapter.method == "prefix":
         adapter.prefix = prefix_kv(rt, entry, config, tensors)
         return adapter
-    for option in _UNSUPPORTED_LORA:
+    for option in UNSERVABLE_LORA_OPTIONS:
         if config.get(option):
             raise ConfigError(f"{entry.ref}: LoRA option '{option}' is not servable here")
     if config.get("bias", "none") != "none":
