@@ -9,6 +9,8 @@ A row that fails alone (a broken adapter's NaN logits) ends alone; the others go
 Classification runs in bounded chunks (at most `classify_rows` rows and `classify_tokens`
 padded tokens per encoder pass), one chunk per turn of the loop, taken round-robin from the
 waiting requests: a 200-text request cannot hold up a one-text request for more than a chunk.
+While another base decodes on the same device, a chunk is sized to take about one of its decode
+steps (measured), so a classify flood at most doubles a decode step.
 
 Several bases on one device take turns (`Turns`): one unit of work each, first come first served.
 
@@ -46,10 +48,28 @@ class Turns:
     step waits for at most one unit of each other base's work.
     """
 
+    STEP_RECENT_S = 1.0  # decode steps this recent mean generation is running on the device
+
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._next = 0  # the next ticket to hand out
         self._serving = 0  # the ticket whose turn it is
+        self._step_s: float | None = None  # moving average of decode steps on this device
+        self._last_step = 0.0
+
+    def note_step(self, seconds: float) -> None:
+        """Record how long a decode step took (classification sizes its chunks by it)."""
+        with self._cond:
+            old = self._step_s
+            self._step_s = seconds if old is None else 0.8 * old + 0.2 * seconds
+            self._last_step = time.monotonic()
+
+    def step_seconds(self) -> float | None:
+        """The usual decode step on this device, if generation is running now; else None."""
+        with self._cond:
+            if self._step_s is None or time.monotonic() - self._last_step > self.STEP_RECENT_S:
+                return None
+            return self._step_s
 
     @contextmanager
     def turn(self):
@@ -134,6 +154,7 @@ class Scheduler:
         self.admitted = 0  # generation rows that joined the batch
         self.cancelled = 0  # requests dropped because their client went away
         self.classify_backlog = 0  # texts waiting to be classified
+        self._token_s: float | None = None  # moving average: seconds per padded classify token
         if runtime.task == "causal-lm":
             log.info(
                 "base %s: decoding %s, up to %d rows per step (%s numerics)",
@@ -220,7 +241,10 @@ class Scheduler:
                     if self.batch.active:
                         self.steps += 1
                         self.batch_rows += self.batch.active
-                        for row in self.batch.step():
+                        began = time.perf_counter()
+                        finished = self.batch.step()
+                        self.turns.note_step(time.perf_counter() - began)
+                        for row in finished:
                             self._finish(row)
             except Exception as exc:  # a bug, not a bad request: fail what is running, go on
                 for row in list(self.batch.rows):
@@ -253,12 +277,12 @@ class Scheduler:
         if not self.classifying:
             return
         parts: list[tuple[_Classification, int]] = []  # (request, rows taken from it)
-        rows, longest = 0, 0
+        rows, longest, budget = 0, 0, self._chunk_tokens()
         for work in self.classifying:
             taken = 0
             while work.done + taken < len(work.lengths) and rows < self.classify_rows:
                 length = max(longest, work.lengths[work.done + taken])
-                if rows and length * (rows + 1) > self.classify_tokens:  # padded tokens
+                if rows and length * (rows + 1) > budget:  # padded tokens
                     break
                 longest, taken, rows = length, taken + 1, rows + 1
             if taken:
@@ -270,10 +294,15 @@ class Scheduler:
             for work, taken in parts
             for i in range(work.done, work.done + taken)
         ]
+        began = time.perf_counter()
         try:
             results = self.runtime.classify_mixed(items)
         except Exception:
             results = None
+        else:
+            per_token = (time.perf_counter() - began) / max(1, rows * longest)
+            old = self._token_s
+            self._token_s = per_token if old is None else 0.8 * old + 0.2 * per_token
         start = 0
         for work, taken in parts:
             try:  # a chunk that failed runs again per request, so a broken one fails alone
@@ -299,6 +328,15 @@ class Scheduler:
                 self.classifying.append(work)
             else:
                 work.job.emit("done", work.results)
+
+    def _chunk_tokens(self) -> int:
+        """Padded tokens for the next chunk: `classify_tokens`, or, while another base decodes
+        on this device, about one of its decode steps' worth (at least one text), so a chunk
+        delays a decode step by about one step."""
+        step = self.turns.step_seconds()
+        if step is None or not self._token_s:
+            return self.classify_tokens
+        return max(1, min(self.classify_tokens, int(step / self._token_s)))
 
     # -- generation -------------------------------------------------------------------------
 

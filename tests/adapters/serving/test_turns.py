@@ -68,3 +68,67 @@ def test_schedulers_on_one_device_share_turns_and_other_devices_do_not():
     assert device_turns("cpu") is device_turns(torch.device("cpu"))
     assert device_turns("cuda:0") is not device_turns("cpu")
     assert device_turns("cuda:0") is device_turns(torch.device("cuda", 0))
+
+
+def test_step_seconds_is_a_recent_moving_average_of_decode_steps():
+    turns = Turns()
+    assert turns.step_seconds() is None  # nothing decoded yet
+    turns.note_step(0.010)
+    assert turns.step_seconds() == 0.010
+    turns.note_step(0.020)
+    assert abs(turns.step_seconds() - (0.8 * 0.010 + 0.2 * 0.020)) < 1e-12
+    turns._last_step -= Turns.STEP_RECENT_S + 1  # the last step is no longer recent
+    assert turns.step_seconds() is None
+
+
+def test_classify_chunks_shrink_to_a_decode_step_while_generation_runs(
+    tmp_path, tiny_bert_dir, monkeypatch
+):
+    """A real classifier scheduler: with no generation on the device, a 48-text request runs in
+    chunks of `classify_rows`; while another base's decode steps are recent and far shorter
+    than a chunk, chunks shrink (down to one text). Results are the same either way."""
+    import asyncio
+
+    from serving_helpers import make_classifier, register
+
+    from adaptory.adapters.serving.runtime import Runtime
+    from adaptory.adapters.serving.scheduler import Job, Scheduler
+    from adaptory.registry import Registry
+
+    labels = ["neg", "pos"]
+    reg = Registry(tmp_path / "home")
+    folder = make_classifier(tiny_bert_dir, tmp_path / "cls", seed=5, labels=labels)
+    register(reg, folder, "cls", tiny_bert_dir, task="seq-cls", labels=labels)
+    runtime = Runtime(str(tiny_bert_dir), registry=reg, task="seq-cls")
+    turns = Turns()  # this test's own device turns, so no other test's steps count
+    monkeypatch.setattr("adaptory.adapters.serving.scheduler.device_turns", lambda _d: turns)
+    chunks: list[int] = []
+    real = runtime.classify_mixed
+
+    def counted(rows):
+        chunks.append(len(rows))
+        return real(rows)
+
+    runtime.classify_mixed = counted
+    texts = [f"text number {i} is {'good' if i % 2 else 'bad'}" for i in range(48)]
+
+    async def classify(scheduler) -> list[dict]:
+        job = Job(asyncio.get_running_loop(), asyncio.Queue(), classify=[("cls", t) for t in texts])
+        scheduler.submit(job)
+        kind, value = await asyncio.wait_for(job.events.get(), 120)
+        assert kind == "done", value
+        return value
+
+    scheduler = Scheduler(runtime, classify_rows=16, classify_tokens=4096)
+    try:
+        quiet = asyncio.run(classify(scheduler))
+        assert chunks == [16, 16, 16]
+        chunks.clear()
+        turns._step_s, turns._last_step = 1e-9, 1e12  # decode steps of ~0 s, always recent
+        busy = asyncio.run(classify(scheduler))
+        assert chunks == [1] * 48
+    finally:
+        scheduler.stop(timeout=60)
+    assert [r["label"] for r in busy] == [r["label"] for r in quiet]
+    for a, b in zip(busy, quiet, strict=True):
+        assert all(abs(a["scores"][k] - b["scores"][k]) < 1e-5 for k in labels)
