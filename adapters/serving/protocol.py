@@ -36,7 +36,6 @@ class Lenient(BaseModel):
 
 class StreamOptions(Strict):
     include_usage: bool = False
-    continuous_usage_stats: bool = False
 
 
 class ResponseFormat(Strict):
