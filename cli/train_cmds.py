@@ -88,12 +88,23 @@ def _metric_line(metrics: dict, task: str) -> str:
     type=float,
     help="Learning rate. Default: per method and task (LoRA 2e-3, 5e-4 for seq-cls).",
 )
-@click.option("--epochs", type=int, help="Passes over the data.  [8]")
+@click.option(
+    "--head-lr-factor",
+    type=float,
+    help="A classifier's new head learns at lr x this.  [1]",
+)
+@click.option(
+    "--epochs",
+    type=int,
+    help="Passes over the data. Default: sized by the data, enough for 160 steps (1-40).",
+)
 @click.option("--max-steps", type=int, help="Optimizer steps (overrides --epochs).")
 @click.option("--batch-size", type=int, help="Rows per batch.  [8]")
 @click.option("--grad-accum", type=int, help="Batches per optimizer step.  [1]")
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=None)
-@click.option("--warmup", type=float, help="Warm-up: a share of steps (<1) or steps.  [0.1]")
+@click.option(
+    "--warmup", type=float, help="Warm-up: a share of steps (<1, at most 100) or steps.  [0.1]"
+)
 @click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), help="[cosine]")
 @click.option("--weight-decay", type=float, help="AdamW weight decay.  [0]")
 @click.option("--max-grad-norm", type=float, help="Gradient clipping norm (0 = off).  [1.0]")

@@ -65,6 +65,19 @@ class TrainingInterrupted(AdaptoryError):
 # --- configuration ------------------------------------------------------------------------------
 
 
+# Defaults sized by the data: enough optimizer steps for a small set to fit (a few dozen rows
+# are a few steps per epoch), one epoch or more for a large one; a bounded warm-up.
+MIN_STEPS = 160
+MAX_EPOCHS = 40
+MAX_WARMUP = 100
+HEAD_LR_FACTOR = 1.0  # default of head_lr_factor (docs/BENCHMARKS.md, "Quality", says why)
+
+
+def auto_epochs(steps_per_epoch: int) -> int:
+    """Epochs when none are given: at least MIN_STEPS steps in all, between 1 and MAX_EPOCHS."""
+    return max(1, min(MAX_EPOCHS, math.ceil(MIN_STEPS / max(1, steps_per_epoch))))
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a training run (each is an `adaptory train` flag and a TOML key)."""
@@ -90,12 +103,13 @@ class TrainConfig:
     prefix_projection: bool = False
     # optimisation
     lr: float | None = None  # default: the method's (LoRA 2e-3, 5e-4 seq-cls; prefix/IA3 1e-2)
-    epochs: int = 8
+    head_lr_factor: float | None = None  # a classifier's new head: lr x this (HEAD_LR_FACTOR)
+    epochs: int | None = None  # default: sized by the data (`auto_epochs`)
     max_steps: int | None = None  # overrides epochs
     batch_size: int = 8
     grad_accum: int = 1
     grad_checkpointing: bool = False
-    warmup: float = 0.1  # a fraction of the steps if < 1, else a number of steps
+    warmup: float = 0.1  # a fraction of the steps if < 1 (at most MAX_WARMUP), else a number
     schedule: str = "cosine"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -154,13 +168,17 @@ class TrainConfig:
                 f"method '{self.method}' does not support task {self.task}",
                 hint=f"'{self.method}' supports {', '.join(method.tasks)}",
             )
-        for name in ("epochs", "batch_size", "grad_accum", "max_length"):
+        for name in ("batch_size", "grad_accum", "max_length"):
             _positive(name, getattr(self, name))
-        for name in ("max_steps", "eval_every", "early_stopping", "checkpoint_every", "threads"):
+        for name in (
+            "epochs", "max_steps", "eval_every", "early_stopping", "checkpoint_every", "threads"
+        ):  # fmt: skip
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.head_lr_factor is not None and not self.head_lr_factor > 0:
+            raise ConfigError(f"head_lr_factor must be positive, got {self.head_lr_factor}")
         if self.warmup < 0:
             raise ConfigError(f"warmup must be >= 0, got {self.warmup}")
         if self.eval_data and self.eval_split:
@@ -174,7 +192,22 @@ class TrainConfig:
         return self.lr if self.lr is not None else get_method(self.method).lr_for(task)
 
     def warmup_steps(self, total_steps: int) -> int:
-        return int(self.warmup * total_steps) if self.warmup < 1 else int(self.warmup)
+        if self.warmup >= 1:
+            return int(self.warmup)
+        return min(MAX_WARMUP, int(self.warmup * total_steps))
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """`max_steps`, else `epochs` (or the data-sized default) times the epoch's steps."""
+        if self.max_steps:
+            return self.max_steps
+        return (self.epochs or auto_epochs(steps_per_epoch)) * steps_per_epoch
+
+    def head_lr(self, task: str) -> float | None:
+        """The learning rate of a classifier's newly initialised head (None: no head)."""
+        if task != "seq-cls":
+            return None
+        factor = self.head_lr_factor if self.head_lr_factor is not None else HEAD_LR_FACTOR
+        return self.learning_rate(task) * factor
 
     def as_used(self, task: str, fmt: str, total_steps: int) -> dict[str, Any]:
         """Every setting as the run used it (the registry's training_config): the defaults that
@@ -186,6 +219,7 @@ class TrainConfig:
             "lr": self.learning_rate(task),
             "warmup_steps": self.warmup_steps(total_steps),
             "total_steps": total_steps,
+            "head_lr": self.head_lr(task),
         }
 
     @property
@@ -367,10 +401,14 @@ def make_optimizer(model, config: TrainConfig, task: str, total_steps: int):
     """AdamW over the trainable (adapter) parameters, and its learning-rate schedule."""
     import torch
 
+    head_lr = config.head_lr(task)
+    adapter, head = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (head if head_lr and "modules_to_save" in name else adapter).append(param)
+    groups = [{"params": adapter}] + ([{"params": head, "lr": head_lr}] if head else [])
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=config.learning_rate(task),
-        weight_decay=config.weight_decay,
+        groups, lr=config.learning_rate(task), weight_decay=config.weight_decay
     )
     warmup_steps = config.warmup_steps(total_steps)
     return optimizer, make_scheduler(optimizer, config.schedule, warmup_steps, total_steps)
@@ -766,7 +804,13 @@ def run_plan(config: TrainConfig, task: str, train_ds, eval_ds, plan, total_step
     keep = "the best by eval loss" if config.keep == "best" and eval_ds is not None else "the last"
     return (
         f"{rows}; {total_steps} steps ({plan.steps_per_epoch} per epoch), lr "
-        f"{config.learning_rate(task):.2g}, warm-up {config.warmup_steps(total_steps)} steps, "
+        f"{config.learning_rate(task):.2g}"
+        + (
+            f" (head {config.head_lr(task):.2g})"
+            if config.head_lr(task) not in (None, config.learning_rate(task))
+            else ""
+        )
+        + f", warm-up {config.warmup_steps(total_steps)} steps, "
         f"{config.schedule}; storing {keep} adapter"
     )
 
@@ -855,7 +899,7 @@ def _train(config: TrainConfig, *, registry, show_progress: bool, on_step) -> Tr
     plan = BatchPlan(len(train_ds), batch_size=config.batch_size, grad_accum=config.grad_accum,
                      seed=config.seed, processes=accelerator.num_processes,
                      rank=accelerator.process_index)  # fmt: skip
-    total_steps = config.max_steps or config.epochs * plan.steps_per_epoch
+    total_steps = config.total_steps(plan.steps_per_epoch)
     optimizer, scheduler = make_optimizer(model, config, task, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     peft_model = accelerator.unwrap_model(model)
