@@ -485,6 +485,9 @@ class DecodeBatch:
                 row.error, row.finish_reason = row_error(row, exc, self.rt.base_ref), "error"
             if row.finish_reason is not None:
                 finished.append(row)
+                if row.adapter is not None:
+                    nonfinite = isinstance(row.error, InvalidAdapter)
+                    self.rt.note_outcome(row.adapter.key, nonfinite=nonfinite)
         if finished:
             self.drop(finished)
         return finished

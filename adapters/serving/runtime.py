@@ -35,10 +35,12 @@ from adaptory.adapters.serving.decode import (
     GenerationResult,
 )
 from adaptory.adapters.serving.resident import ResidentAdapter
-from adaptory.registry.errors import AdaptoryError, BadInput, ConfigError
+from adaptory.registry.errors import AdaptoryError, BadInput, ConfigError, InvalidAdapter
 
 __all__ = ["BASE", "AdapterInUse", "GenerationRequest", "GenerationResult", "Runtime"]
 MAX_AUTO_BATCH = 256  # rows; like vLLM's default max_num_seqs
+BREAKER_FAILURES = 3  # requests in a row with non-finite logits before an adapter is refused
+BREAKER_SECONDS = 30.0  # for how long (then one request may try it again)
 SERVABLE = {"causal-lm": ("lora", "prefix"), "seq-cls": ("lora",)}
 _PLACEHOLDER_LABELS = ["LABEL_0", "LABEL_1"]  # the shared seq-cls base's own head is never used
 
@@ -112,6 +114,8 @@ class Runtime:
         self._bank.reserve(max_adapters)  # exact room for the LRU bound: no reallocation later
         self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()
         self.counters = {"base_loads": 1, "loads": 0, "evictions": 0, "hits": 0, "load_failures": 0}
+        self._nonfinite: dict[str, int] = {}  # adapter key -> requests in a row that failed so
+        self._refused_until: dict[str, float] = {}  # adapter key -> monotonic time
         config = self.model.config
         self.max_positions = getattr(config, "max_position_embeddings", None)
         self._generator_batch: DecodeBatch | None = None  # reused by generate()
@@ -218,6 +222,43 @@ class Runtime:
             return BASE, None
         adapter = self.load(ref, pin=True)
         return adapter.key, adapter
+
+    # -- adapters whose logits keep failing --------------------------------------------------
+
+    def note_outcome(self, key: str, *, nonfinite: bool) -> None:
+        """Count a finished row of adapter `key`: BREAKER_FAILURES non-finite rows in a row
+        refuse the adapter for BREAKER_SECONDS (a success resets the count)."""
+        with self.lock:
+            if not nonfinite:
+                self._nonfinite.pop(key, None)
+                return
+            count = self._nonfinite.get(key, 0) + 1
+            self._nonfinite[key] = count
+            if count >= BREAKER_FAILURES:
+                self._refused_until[key] = time.monotonic() + BREAKER_SECONDS
+                self._nonfinite[key] = 0
+
+    def forget_failures(self) -> None:
+        """Drop every failure count and refusal (a fresh start, as after a restart)."""
+        with self.lock:
+            self._nonfinite.clear()
+            self._refused_until.clear()
+
+    def refusal(self, key: str) -> InvalidAdapter | None:
+        """Why adapter `key` is refused without running (its last rows all failed), or None."""
+        with self.lock:
+            until = self._refused_until.get(key)
+            if until is None:
+                return None
+            left = until - time.monotonic()
+            if left <= 0:
+                del self._refused_until[key]
+                return None
+        return InvalidAdapter(
+            f"adapter {key} produced non-finite logits (NaN or infinity) on its last "
+            f"{BREAKER_FAILURES} requests; refused for {left:.0f} s more",
+            hint="check the adapter's weights for NaN, infinity or huge values",
+        )
 
     def _release(self, adapter: ResidentAdapter | None) -> None:
         if adapter is not None:

@@ -348,7 +348,10 @@ class Scheduler:
                 continue
             try:  # load (or refuse) each adapter alone, so a broken one fails only its request
                 if job.generation.adapter is not None:
-                    self.runtime.load(job.generation.adapter, count_hit=False)
+                    adapter = self.runtime.load(job.generation.adapter, count_hit=False)
+                    refusal = self.runtime.refusal(adapter.key)
+                    if refusal is not None:  # its last rows all failed: no prefill for it
+                        raise refusal
                 ready.append(job)
             except Exception as exc:
                 job.emit("error", exc)

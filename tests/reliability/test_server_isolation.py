@@ -91,6 +91,14 @@ def setup(tmp_path_factory, tiny_llama_dir, tiny_bert_dir, long_base_dir):
     return reg, runtimes
 
 
+@pytest.fixture(autouse=True)
+def _fresh_breakers(setup):
+    """Each test starts with no adapter refused for its earlier failures (tests run shuffled)."""
+    for rt in setup[1].values():
+        rt.forget_failures()
+    yield
+
+
 @pytest.fixture(scope="module")
 def live(setup):
     reg, runtimes = setup
@@ -295,6 +303,37 @@ def test_an_adapter_with_non_finite_logits_fails_alone(live, setup, long_base_di
             ])[0]  # fmt: skip
             assert text == alone.text, (body["model"], text, alone.text)
     assert client.get("/health").json()["status"] == "ok"
+
+
+def test_an_adapter_failing_again_and_again_is_refused_without_a_prefill(
+    live, setup, long_base_dir
+):
+    """After BREAKER_FAILURES requests in a row with non-finite logits, the adapter is refused
+    at admission (same 400 invalid_adapter, saying why) without being prefilled; other adapters
+    are unaffected; once the refusal lapses, one request tries it again."""
+    from adaptory.adapters.serving.runtime import BREAKER_FAILURES
+
+    _, client, app = live
+    rt = setup[1][str(long_base_dir)]
+    scheduler = app.state.schedulers[str(long_base_dir)]
+    body = {"model": "lora-overflow", "prompt": "the cat", "max_tokens": 3, "temperature": 0}
+    for _ in range(BREAKER_FAILURES):
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 400 and "non-finite" in r.json()["error"]["message"], r.text
+        assert "refused for" not in r.json()["error"]["message"]
+    admitted = scheduler.admitted
+    for _ in range(3):
+        r = client.post("/v1/completions", json=body)
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["code"] == "invalid_adapter", r.text
+        assert "refused for" in error["message"] and "lora-overflow:1" in error["message"]
+    assert scheduler.admitted == admitted  # none of them was prefilled
+    ok = client.post("/v1/completions", json={**body, "model": "lora-a"})
+    assert ok.status_code == 200 and scheduler.admitted == admitted + 1
+    rt._refused_until["lora-overflow:1"] = 0.0  # the refusal has lapsed
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 400 and "refused for" not in r.json()["error"]["message"]
+    assert scheduler.admitted == admitted + 2  # tried again: prefilled, failed again
 
 
 def test_a_failing_row_admitted_with_others_leaves_their_text_untouched(setup, long_base_dir):
