@@ -29,7 +29,8 @@ MODEL_TEMPLATE = "/v1/models/{model}"
 # /v1/models/<id>, and "other" for any other path (a label never takes a client's path verbatim)
 ENDPOINTS = (
     "/v1/models", MODEL_TEMPLATE, "/v1/completions", "/v1/chat/completions", "/v1/classify",
-    "/tokenize", "/detokenize", "/v1/adapters/load", "/v1/adapters/unload", "/health", "/metrics",
+    "/tokenize", "/detokenize", "/tokenizer_info", "/v1/adapters/load", "/v1/adapters/unload",
+    "/health", "/metrics",
 )  # fmt: skip
 _MODELS_PREFIX = "/v1/models/"
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_LOGPROBS = 20
+MAX_STOPS = 16  # OpenAI takes 4, vLLM any number; lm-eval sends a task's stops plus EOS
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
@@ -53,7 +54,7 @@ class SamplingFields(Strict):
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     seed: Seed | None = None
-    stop: str | list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=4)
+    stop: str | list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=MAX_STOPS)
     stop_token_ids: list[TokenId] | None = Field(None, max_length=64)
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
@@ -159,9 +160,10 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(Strict):
-    """POST /tokenize (vLLM): a prompt, or chat messages rendered by the chat template."""
+    """POST /tokenize (vLLM): a prompt, or chat messages rendered by the chat template. Without
+    `model`, the one served base (as vLLM, whose server has one model)."""
 
-    model: str = Field(min_length=1)
+    model: str | None = Field(None, min_length=1)
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None
@@ -176,7 +178,7 @@ class TokenizeRequest(Strict):
 
 
 class DetokenizeRequest(Strict):
-    model: str = Field(min_length=1)
+    model: str | None = Field(None, min_length=1)
     tokens: list[TokenId]
 
 
@@ -291,6 +293,18 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    """GET /tokenizer_info (vLLM): what a remote-tokenizer client (lm-eval) needs."""
+
+    tokenizer_class: str
+    eos_token: str | None
+    bos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    chat_template: str | None
+    model_max_length: int | None
 
 
 class ErrorDetail(BaseModel):

@@ -243,7 +243,7 @@ def _generation_target(models: Models, model: str) -> tuple[Runtime, str | None]
 )
 async def tokenize(request: Request, models: ModelsDep):
     body = await validation.read(request, protocol.TokenizeRequest)
-    rt, _ = models.route(body.model)
+    rt = models.tokenizer_of(body.model)
     if body.messages is not None:
         text = await _render(
             rt, validation.messages(body.messages), add_generation_prompt=body.add_generation_prompt
@@ -268,7 +268,7 @@ async def tokenize(request: Request, models: ModelsDep):
 )
 async def detokenize(request: Request, models: ModelsDep):
     body = await validation.read(request, protocol.DetokenizeRequest)
-    rt, _ = models.route(body.model)
+    rt = models.tokenizer_of(body.model)
     vocab = len(rt.tokenizer)
     bad = next((t for t in body.tokens if t >= vocab), None)
     if bad is not None:
@@ -277,6 +277,21 @@ async def detokenize(request: Request, models: ModelsDep):
             code="invalid_value",
         )  # fmt: skip
     return {"prompt": await asyncio.to_thread(rt.decode, body.tokens)}
+
+
+@openai_router.get("/tokenizer_info", responses=_answers(protocol.TokenizerInfo))
+async def tokenizer_info(models: ModelsDep, model: str | None = None):
+    """vLLM's GET /tokenizer_info (`?model=` picks a base when several are served)."""
+    tok = models.tokenizer_of(model).tokenizer
+    return {
+        "tokenizer_class": type(tok).__name__,
+        "eos_token": tok.eos_token,
+        "bos_token": tok.bos_token,
+        "pad_token": tok.pad_token,
+        "unk_token": tok.unk_token,
+        "chat_template": getattr(tok, "chat_template", None),
+        "model_max_length": models.tokenizer_of(model).max_positions,
+    }
 
 
 # -- classify ---------------------------------------------------------------------------------

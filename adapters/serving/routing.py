@@ -59,6 +59,18 @@ class Models:
             )
         return rt, entry.ref
 
+    def tokenizer_of(self, model: str | None) -> Runtime:
+        """The runtime whose tokenizer a token endpoint uses: `model`'s, or the only base."""
+        if model is not None:
+            return self.route(model)[0]
+        if len(self.runtimes) == 1:
+            return next(iter(self.runtimes.values()))
+        raise APIError(
+            400, "several bases are served; name one with 'model' ("
+            + ", ".join(self.base_id(ref) for ref in self.runtimes) + ")",
+            code="missing_field",
+        )  # fmt: skip
+
     def listing(self) -> list[dict]:
         data = []
         for ref, rt in self.runtimes.items():

@@ -118,6 +118,9 @@ class Runtime:
         self._refused_until: dict[str, float] = {}  # adapter key -> monotonic time
         config = self.model.config
         self.max_positions = getattr(config, "max_position_embeddings", None)
+        # token ids a request may name: the logits' width (a padded vocabulary may exceed the
+        # tokenizer's)
+        self.vocab_size = int(getattr(config, "vocab_size", None) or len(self.tokenizer))
         self._generator_batch: DecodeBatch | None = None  # reused by generate()
         if self.task == "causal-lm":
             decoder = inspect.signature(self.model.base_model.forward).parameters

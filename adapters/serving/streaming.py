@@ -138,7 +138,7 @@ async def generate(
             )  # fmt: skip
         room = (rt.max_positions or settings.max_tokens_limit) - len(prompt.ids)
         for generation in generation_requests(
-            body, settings, adapter, prompt.ids, room=room, count=count
+            body, settings, adapter, prompt.ids, room=room, count=count, vocab=rt.vocab_size
         ):
             generation.fit_context = (
                 chat and body.max_tokens is None and (body.max_completion_tokens is None)

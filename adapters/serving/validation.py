@@ -179,6 +179,7 @@ def generation_requests(
     *,
     room: int,
     count: int,
+    vocab: int,
 ) -> list[GenerationRequest]:
     """`count` runtime requests (choices) for one prompt. `room`: positions the base has left
     after the prompt, which a chat without `max_tokens` may fill (up to `--max-tokens-limit`)."""
@@ -196,6 +197,15 @@ def generation_requests(
             400, f"max_tokens must be at most {limit}, got {max_tokens}",
             code="max_tokens_exceeded",
         )  # fmt: skip
+    if request.min_tokens > max_tokens:
+        raise APIError(
+            400, f"'min_tokens' ({request.min_tokens}) must be at most max_tokens ({max_tokens})",
+            code="invalid_value",
+        )  # fmt: skip
+    if request.stream_options is not None and not request.stream:
+        raise APIError(
+            400, "'stream_options' is only allowed with stream: true", code="invalid_value"
+        )
     echo = not chat and request.echo
     if max_tokens == 0 and not echo:
         raise APIError(
@@ -210,6 +220,11 @@ def generation_requests(
     for key, value in (request.logit_bias or {}).items():
         if not key.isdigit() or int(key) >= 2**31:
             raise APIError(400, f"logit_bias: '{key}' is not a token id", code="invalid_value")
+        if int(key) >= vocab:
+            raise APIError(
+                400, f"logit_bias: token id {key} is outside the vocabulary (0 … {vocab - 1})",
+                code="invalid_value",
+            )  # fmt: skip
         bias[int(key)] = value
     best_of = getattr(request, "best_of", None) or request.n
     ranked = best_of > request.n  # best_of ranks choices by their cumulative logprob

@@ -111,7 +111,7 @@ def test_400_invalid_json(served, path, raw):
         ("/v1/completions", {**GEN, "max_tokens": 33}, "max_tokens_exceeded"),
         ("/v1/chat/completions", {"model": "gen", "messages": CHAT["messages"],
                                   "max_completion_tokens": 33}, "max_tokens_exceeded"),
-        ("/v1/completions", {**GEN, "stop": ["a", "b", "c", "d", "e"]}, "invalid_stop"),
+        ("/v1/completions", {**GEN, "stop": [str(i) for i in range(17)]}, "invalid_stop"),
         ("/v1/completions", {**GEN, "stop": [""]}, "invalid_stop"),
         ("/v1/completions", {**GEN, "n": 17}, "invalid_value"),
         ("/v1/completions", {**GEN, "suffix": "x"}, "unsupported_parameter"),

@@ -249,7 +249,11 @@ def test_admin_load_unload_and_metrics(served, tiny_llama_dir):
     r = client.post("/v1/adapters/unload", json={"model": "lora-b"})
     assert r.json()["unloaded"] is True and "lora-b:1" not in r.json()["resident"]
     assert client.post("/v1/adapters/load", json={"model": "ghost"}).status_code == 404
-    client.post("/v1/completions", json={"model": "lora-b", "prompt": "the", "max_tokens": 2})
+    done = client.post(
+        "/v1/completions",
+        json={"model": "lora-b", "prompt": "the", "max_tokens": 2, "ignore_eos": True},
+    )  # exactly 2 tokens (unseeded sampling could end on EOS after one)
+    assert done.json()["usage"]["completion_tokens"] == 2, done.text
     after = client.get("/metrics").text
     assert "# TYPE adaptory_requests_total counter" in after
     assert 'adaptory_requests_total{endpoint="/v1/completions",status="200"}' in after
@@ -392,6 +396,10 @@ BAD_FIELDS = [
     (TEXT, {"max_tokens": 0}, "max_tokens 0 scores the prompt: it needs echo"),
     (TEXT, {"response_format": {"type": "json_object"}}, "response_format 'json_object' is not supported"),
     (TEXT, {"frobnicate": True}, "unknown field 'frobnicate'"),
+    (TEXT, {"min_tokens": 3}, "'min_tokens' (3) must be at most max_tokens (2)"),
+    (TEXT, {"stream_options": {"include_usage": True}}, "only allowed with stream: true"),
+    (TEXT, {"logit_bias": {"99999": 5}}, "token id 99999 is outside the vocabulary"),
+    (TEXT, {"stop": ["x"] * 17}, "'stop'"),
     (CHAT, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "no tool-call parser"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
      "'messages[0].content[0].text': Input should be a valid string"),
