@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from adaptory.cli.lmeval_cmd import TOKENIZERS, lm_eval_cmd
 from adaptory.cli.main import App, pass_app, styled
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -175,7 +176,7 @@ def train_cmd(app: App, config_file, as_json, fmt, tags, **options) -> None:
 
 @click.command("eval")
 @click.argument("ref")
-@click.option("--data", type=_FILE, required=True, help="Evaluation data file.")
+@click.option("--data", type=_FILE, help="Evaluation data file (or --lm-eval TASKS).")
 @click.option(
     "--format",
     "fmt",
@@ -189,12 +190,37 @@ def train_cmd(app: App, config_file, as_json, fmt, tags, **options) -> None:
     metavar="NAME=COLUMN,...",
     help="Which of your columns holds each one the format reads (as for train).",
 )
-@click.option("--limit", type=int, help="Only the first N rows.")
+@click.option("--limit", type=int, help="Only the first N rows (with --lm-eval: docs per task).")
 @click.option("--no-record", is_flag=True, help="Do not store the result with the entry.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.option("--lm-eval", "lm_eval_tasks", metavar="TASKS",
+              help="Instead of --data: lm-eval tasks (comma-separated), REF served on 127.0.0.1 "
+                   "(pip install 'adaptory[eval]'); printed, not stored.")  # fmt: skip
+@click.option("--include-path", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="With --lm-eval: a folder of more task YAMLs.")  # fmt: skip
+@click.option("--batch-size", type=click.IntRange(1, 256), default=4, show_default=True,
+              help="With --lm-eval: prompts per request.")  # fmt: skip
+@click.option("--tokenizer", type=click.Choice(TOKENIZERS), default="base", show_default=True,
+              help="With --lm-eval: base = the base's tokenizer files, token-id prompts; server = "
+                   "the server's /tokenize; none = text prompts, generation tasks only.")  # fmt: skip
+@click.option("--quant", type=click.Choice(["nf4", "fp4", "int8", "none"]), default="nf4",
+              show_default=True, help="With --lm-eval: how to load the base.")  # fmt: skip
+@click.option("--device", help="With --lm-eval: cpu, cuda, cuda:1 … (default: best available)")
 @pass_app
-def eval_cmd(app: App, ref, data, fmt, columns, limit, no_record, as_json) -> None:
-    """Evaluate adapter REF on a data file; the result is stored under metrics.evals."""
+def eval_cmd(app: App, ref, data, fmt, columns, limit, no_record, as_json, lm_eval_tasks,
+             include_path, batch_size, tokenizer, quant, device) -> None:  # fmt: skip
+    """Evaluate adapter REF on a data file, or on lm-eval tasks (--lm-eval).
+
+    With --data the result is stored under metrics.evals. With --lm-eval, REF (or base:B, the
+    plain base) is served on 127.0.0.1 and lm-eval's scores of it are printed."""
+    if (data is None) == (lm_eval_tasks is None):
+        raise click.UsageError("give --data FILE or --lm-eval TASKS (one of them)")
+    if lm_eval_tasks is not None:
+        return lm_eval_cmd(
+            app, ref, lm_eval_tasks, limit=limit, include_path=include_path,
+            batch_size=batch_size, tokenizer=tokenizer, quant=quant, device=device,
+            as_json=as_json,
+        )  # fmt: skip
     from adaptory.adapters.training.evaluate import evaluate_entry
 
     entry = app.registry.resolve(ref)
