@@ -9,8 +9,8 @@ A row that fails alone (a broken adapter's NaN logits) ends alone; the others go
 Classification runs in bounded chunks (at most `classify_rows` rows and `classify_tokens`
 padded tokens per encoder pass), one chunk per turn of the loop, taken round-robin from the
 waiting requests: a 200-text request cannot hold up a one-text request for more than a chunk.
-While another base decodes on the same device, a chunk is sized to take about one of its decode
-steps (measured), so a classify flood at most doubles a decode step.
+While another base decodes on the same device, a chunk is sized to take about half of one of its
+decode steps (measured), so a classify flood slows a decode step by about half.
 
 Several bases on one device take turns (`Turns`): one unit of work each, first come first served.
 
@@ -35,6 +35,11 @@ from adaptory.adapters.serving.runtime import Runtime
 from adaptory.registry.errors import AdaptoryError
 
 log = logging.getLogger("adaptory.serving")
+
+
+# While generation runs on the device, a classify chunk takes about this share of a decode step
+# (so a decode step waits at most ~1.5 steps' time for its turn)
+CHUNK_STEP_SHARE = 0.5
 
 
 class Turns:
@@ -331,12 +336,12 @@ class Scheduler:
 
     def _chunk_tokens(self) -> int:
         """Padded tokens for the next chunk: `classify_tokens`, or, while another base decodes
-        on this device, about one of its decode steps' worth (at least one text), so a chunk
-        delays a decode step by about one step."""
+        on this device, about CHUNK_STEP_SHARE of one of its decode steps' worth (at least one
+        text), so a chunk delays a decode step by about half a step."""
         step = self.turns.step_seconds()
         if step is None or not self._token_s:
             return self.classify_tokens
-        return max(1, min(self.classify_tokens, int(step / self._token_s)))
+        return max(1, min(self.classify_tokens, int(CHUNK_STEP_SHARE * step / self._token_s)))
 
     # -- generation -------------------------------------------------------------------------
 
