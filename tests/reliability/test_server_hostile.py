@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -134,6 +135,70 @@ def test_schemathesis_every_endpoint_no_5xx_and_responses_match_the_schema(live)
         run()
     COUNTS["schemathesis cases"] = tried
     assert tried >= 100
+
+
+def _published_schema_bounded(raw: dict) -> dict:
+    """The app's own /openapi.json, request bodies from its protocol models, with only the sizes
+    bounded so 2 CPU cores finish: models limited to served ones, few tokens, choices, prompts."""
+    schemas = raw["components"]["schemas"]
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        props = schemas[name]["properties"]
+        props["model"] = {"type": "string", "enum": ["lora-a", "pfx-a"]}
+        props["max_tokens"] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 3},
+                                         {"type": "null"}]}  # fmt: skip
+        props["n"] = {"type": "integer", "minimum": 1, "maximum": 2}
+        if "best_of" in props:
+            props["best_of"] = {"anyOf": [{"type": "integer", "minimum": 2, "maximum": 2},
+                                          {"type": "null"}]}  # fmt: skip
+        if name == "ChatCompletionRequest":
+            props["messages"]["maxItems"] = 3
+            props.pop("max_completion_tokens")
+            schemas[name]["required"] = sorted({*schemas[name].get("required", []), "max_tokens"})
+    prompt = schemas["CompletionRequest"]["properties"]["prompt"]
+    for branch in prompt.get("anyOf", []):
+        if branch.get("type") == "array":
+            branch["maxItems"] = 3
+    return raw
+
+
+def test_schemathesis_from_the_published_schema_alone(live):
+    """Bodies generated from /openapi.json as the server publishes it (the protocol models):
+    no 5xx, every response in its documented shape. Only sizes are bounded for the CPU."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+    )
+
+    url, client, _ = live
+    schema = schemathesis.openapi.from_dict(
+        _published_schema_bounded(client.get("/openapi.json").json())
+    )
+    tried, answered = 0, Counter()
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        if operation.method.upper() != "POST" or "adapters" in operation.path:
+            continue
+
+        @settings(
+            max_examples=15, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
+        @given(case=operation.as_strategy())
+        def run(case):
+            nonlocal tried
+            tried += 1
+            response = case.call(base_url=url, headers=AUTH, timeout=120)
+            answered[response.status_code] += 1
+            case.validate_response(
+                response,
+                checks=[not_a_server_error, content_type_conformance, response_schema_conformance],
+            )
+
+        run()
+    print("published-schema cases by status:", dict(answered))
+    assert tried >= 40 and answered[200] > 0  # valid bodies were generated, and served
 
 
 # --- hand-made abuse -----------------------------------------------------------------------------
