@@ -31,8 +31,10 @@ def _metric_line(metrics: dict, task: str) -> str:
 @click.option("--base", help="Base model: minilm, a base made with `adaptory base`, or a folder.")
 @click.option(
     "--data",
+    multiple=True,
     help="Training data (.jsonl, .csv, .tsv, .parquet), or a hub dataset NAME or ORG/NAME[:SPLIT] "
-    "(needs the `datasets` package and a network).",
+    "(needs the `datasets` package and a network). Repeat to mix files, each FILE@WEIGHT "
+    "(a row counts WEIGHT times; default 1).",
 )
 @click.option("--name", help="Registry name for the adapter (a new version if it exists).")
 @click.option(
@@ -148,6 +150,8 @@ def train_cmd(app: App, config_file, as_json, fmt, tags, **options) -> None:
 
     options["format"] = fmt
     options["tags"] = list(tags) or None
+    data = list(options.get("data") or ())
+    options["data"] = (data[0] if len(data) == 1 else data) or None
     if config_file is not None:
         config = TrainConfig.from_toml(config_file, **options)
     else:

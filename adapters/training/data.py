@@ -631,6 +631,52 @@ def split_dataset(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset
     return replace(dataset, examples=train), replace(dataset, examples=evals)
 
 
+# --- several files, mixed ------------------------------------------------------------------------
+
+
+def parse_source(text: str) -> tuple[str, float]:
+    """`FILE` or `FILE@WEIGHT` (weight > 0: how many times each row counts; 0.5 keeps a seeded
+    half of the rows, 2 repeats every row) -> (file, weight)."""
+    stem, at, weight = str(text).rpartition("@")
+    if not at or "/" in weight or "\\" in weight:
+        return str(text), 1.0
+    try:
+        value = float(weight)
+    except ValueError:
+        return str(text), 1.0  # an @ that is part of the name
+    if not value > 0 or value != value or value == float("inf"):
+        raise ConfigError(
+            f"data weight must be a positive number: '{text}'", hint="FILE@2, FILE@0.5"
+        )
+    return stem, value
+
+
+def mix_datasets(parts: list[tuple[Dataset, float]], seed: int) -> Dataset:
+    """One dataset from several, each row counted `weight` times: whole copies, then a seeded
+    sample of the fractional part. Formats may differ; the task must not."""
+    tasks = {d.task for d, _ in parts}
+    if len(tasks) > 1:
+        names = ", ".join(f"{d.file} ({d.task})" for d, _ in parts)
+        raise ConfigError(f"mixed data files must share a task: {names}")
+    rng = random.Random(seed)
+    examples: list[Example] = []
+    for dataset, weight in parts:
+        whole, fraction = int(weight), weight - int(weight)
+        examples += list(dataset.examples) * whole
+        examples += rng.sample(list(dataset.examples), round(fraction * len(dataset)))
+    digest = hashlib.sha256(
+        "\n".join(f"{d.fingerprint}@{w!r}" for d, w in parts).encode()
+    ).hexdigest()
+    first = parts[0][0]
+    formats = {d.format for d, _ in parts}
+    return replace(
+        first,
+        examples=examples,
+        fingerprint=digest,
+        extra={**first.extra, "formats": sorted(formats)},
+    )
+
+
 # --- batching -----------------------------------------------------------------------------------
 
 

@@ -83,7 +83,7 @@ class TrainConfig:
     """Every setting of a training run (each is an `adaptory train` flag and a TOML key)."""
 
     base: str | None = None
-    data: str | None = None
+    data: str | list[str] | None = None  # a file, or several to mix (FILE@WEIGHT)
     name: str | None = None
     task: str | None = None  # default: seq-cls if the data has a label column, else causal-lm
     method: str = "lora"
@@ -131,6 +131,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, Path):
                 setattr(self, name, str(value))
+        if isinstance(self.data, list | tuple):  # several files to mix (FILE@WEIGHT each)
+            self.data = [str(d) for d in self.data] if len(self.data) != 1 else str(self.data[0])
         if isinstance(self.target_modules, str):
             self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
         if isinstance(self.tags, str):
@@ -222,6 +224,14 @@ class TrainConfig:
             "head_lr": self.head_lr(task),
         }
 
+    def sources(self) -> list[tuple[str, float]]:
+        """The training data files and their weights (`data` is one FILE or a list of
+        FILE@WEIGHT)."""
+        from adaptory.adapters.training.data import parse_source
+
+        items = self.data if isinstance(self.data, list) else [self.data]
+        return [parse_source(item) for item in items]
+
     @property
     def held_out_fraction(self) -> float:
         if self.eval_data:
@@ -258,14 +268,27 @@ class TrainConfig:
                     if close
                     else "see `adaptory train --help` for the settings",
                 )
-            if name in PATH_FIELDS and isinstance(value, str) and not Path(value).is_absolute():
-                value = str((path.parent / value).resolve())
+            if name in PATH_FIELDS and isinstance(value, str):
+                value = _relative_to(path, value)
+            elif name == "data" and isinstance(value, list):
+                value = [_relative_to(path, str(v)) for v in value]
             values[name] = value
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls(**values)
         except TypeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+
+
+def _relative_to(toml: Path, value: str) -> str:
+    """A path written in a TOML file, relative to the file (a data weight `@W` kept)."""
+    from adaptory.adapters.training.data import is_hub_source, parse_source
+
+    source, weight = parse_source(value)
+    if Path(source).is_absolute() or is_hub_source(source):
+        return value
+    resolved = str((toml.parent / source).resolve())
+    return resolved if weight == 1.0 and "@" not in value else f"{resolved}@{weight:g}"
 
 
 def _choice(name: str, value, choices, optional: bool = False) -> None:
@@ -539,7 +562,7 @@ def method_and_task(config: TrainConfig):
     """The adapter method and the task (from --task or the data's columns), checked to fit."""
     from adaptory.adapters.training.data import peek_format
 
-    _, task = peek_format(Path(config.data), config.format, config.task, config.columns)
+    _, task = peek_format(Path(config.sources()[0][0]), config.format, config.task, config.columns)
     method = get_method(config.method)
     if task not in method.tasks:
         raise ConfigError(
@@ -557,15 +580,23 @@ def load_training_data(config: TrainConfig, source, task: str):
 
     tokenizer_fp = fingerprint_base(source, config.quant).tokenizer
     tokenizer = load_tokenizer(source.path, task)
-    data = load_dataset(
-        Path(config.data),
-        tokenizer=tokenizer,
-        task=task,
-        fmt=config.format,
-        max_length=config.max_length,
-        tokenizer_fingerprint=tokenizer_fp,
-        columns=config.columns,
-    )
+
+    def load(path, labels=None):
+        return load_dataset(
+            Path(path),
+            tokenizer=tokenizer,
+            task=task,
+            fmt=config.format,
+            max_length=config.max_length,
+            labels=labels,
+            tokenizer_fingerprint=tokenizer_fp,
+            columns=config.columns,
+        )
+
+    sources = config.sources()
+    if len(sources) > 1 or sources[0][1] != 1.0:
+        return _mixed_data(config, sources, load)
+    data = load(sources[0][0])
     if config.eval_data:
         held = load_dataset(
             Path(config.eval_data),
@@ -581,6 +612,27 @@ def load_training_data(config: TrainConfig, source, task: str):
     if config.held_out_fraction > 0:
         return split_dataset(data, config.held_out_fraction, config.seed)
     return data, None
+
+
+def _mixed_data(config: TrainConfig, sources, load):
+    """Several data files (each FILE@WEIGHT): one label set for all, each file's held-out split
+    taken before weighting (so no repeated row is in both), the training rows mixed."""
+    from adaptory.adapters.training.data import mix_datasets, split_dataset
+
+    parts = [(load(path), weight) for path, weight in sources]
+    names = {tuple(d.labels) for d, _ in parts if d.labels}
+    if len(names) > 1:  # classification files with different label sets: their union
+        union = sorted({label for group in names for label in group})
+        parts = [(load(path, union), weight) for path, weight in sources]
+    if config.eval_data:
+        held = load(config.eval_data, parts[0][0].labels)
+        return mix_datasets(parts, config.seed), held
+    if config.held_out_fraction <= 0:
+        return mix_datasets(parts, config.seed), None
+    splits = [(split_dataset(d, config.held_out_fraction, config.seed), w) for d, w in parts]
+    train = mix_datasets([(t, w) for (t, _), w in splits], config.seed)
+    held = mix_datasets([(e, 1.0) for (_, e), _ in splits], config.seed)
+    return train, held
 
 
 def new_run_dir(config: TrainConfig, home: Path) -> Path:
@@ -782,13 +834,17 @@ def dataset_record(config: TrainConfig, train, held_out) -> dict:
     """What the registry keeps about the data: files, format, fingerprint, sizes."""
     from adaptory.adapters.training.data import source_label
 
+    sources = config.sources()
     dataset = {
-        "file": source_label(config.data),
+        "file": source_label(sources[0][0]),
         "format": train.format,
         "fingerprint": train.fingerprint,
         "rows_train": len(train),
         "rows_eval": len(held_out) if held_out is not None else 0,
     }
+    if len(sources) > 1 or sources[0][1] != 1.0:
+        dataset["files"] = [{"file": source_label(f), "weight": w} for f, w in sources]
+        dataset["formats"] = train.extra.get("formats", [train.format])
     if config.eval_data:
         dataset["eval_file"] = source_label(config.eval_data)
     else:
