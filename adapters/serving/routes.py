@@ -133,8 +133,8 @@ def _body(model) -> dict:
 
 def _answers(model, *, stream: bool = False) -> dict:
     content = {"application/json": {"schema": model.model_json_schema()}}
-    if stream:
-        content["text/event-stream"] = {"schema": {"type": "string"}}
+    if stream:  # server-sent events, each `data:` line a chunk object or [DONE]
+        content["text/event-stream"] = {"schema": {}}
     error = {"application/json": {"schema": protocol.ErrorResponse.model_json_schema()}}
     return {200: {"content": content}, 400: {"description": "bad request", "content": error}}
 

@@ -183,8 +183,9 @@ def test_schemathesis_from_the_published_schema_alone(live):
             continue
 
         @settings(
-            max_examples=15, deadline=None, database=None, suppress_health_check=list(HealthCheck)
-        )
+            max_examples=15, deadline=None, database=None, derandomize=True,
+            suppress_health_check=list(HealthCheck),
+        )  # fmt: skip
         @given(case=operation.as_strategy())
         def run(case):
             nonlocal tried
