@@ -15,7 +15,7 @@ as PEFT numbers them (the prompt starts at position num_virtual_tokens).
 A row that cannot go on (non-finite logits from broken weights, a failing callback) ends alone
 with its error; the others are unaffected.
 
-Kept as one module (~520 lines): DecodeBatch and the per-token helpers it steps with share one
+Kept as one module (~650 lines): DecodeBatch and the per-token helpers it steps with share one
 row model.
 """
 
@@ -163,7 +163,7 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 class DecodeBatch:
     """Rows decoding together over one RowKVCache; rows join (`add_many`) and leave (`drop`)
-    between steps. Row i of `rows` lives in cache slot i. (One idea, ~280 lines: joining,
+    between steps. Row i of `rows` lives in cache slot i. (One idea, ~370 lines: joining,
     stepping and leaving share the slot bookkeeping, which must not be split apart.)"""
 
     def __init__(

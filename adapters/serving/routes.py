@@ -1,5 +1,6 @@
 """The endpoints, one FastAPI router per group: `health_router` (/health), `metrics_router`
-(/metrics), `openai_router` (/v1/models, /v1/completions, /v1/chat/completions),
+(/metrics), `openai_router` (/v1/models[/{id}], /v1/completions, /v1/chat/completions, and
+vLLM's /tokenize, /detokenize, /tokenizer_info),
 `classify_router` (/v1/classify) and `admin_router` (/v1/adapters/load and /unload). Every
 router but health carries `auth.require_api_key` as a dependency, so it runs before a handler.
 

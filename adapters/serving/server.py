@@ -5,8 +5,9 @@
 API key (auth.py) and the middleware that counts every request and turns a crash into a JSON 500
 (middleware.py). `build_runtimes` makes the runtimes; `uvicorn_options` bounds what one
 connection may hold. Where the rest lives: settings.py (`ServerSettings`), routing.py (which
-base and adapter a `model` names), validation.py (request bodies), streaming.py (answers and
-SSE), http_errors.py (OpenAI-shaped errors), metrics.py (Prometheus).
+base and adapter a `model` names), protocol.py (the OpenAI request and response models),
+validation.py (request bodies to runtime requests), streaming.py (a request's jobs, SSE),
+answers.py (bodies and chunks), http_errors.py (OpenAI-shaped errors), metrics.py (Prometheus).
 """
 
 from __future__ import annotations
