@@ -1,6 +1,7 @@
 """`adaptory bench`: swap cost, serving throughput, memory and training speed, measured side by
 side in one process run (medians over repeats, ratios of medians), printed and saved as JSON;
-`bench summary` gathers the targets of saved runs into one table."""
+`bench quality` scores adapters trained with the defaults on held-out data; `bench summary`
+gathers the targets of saved runs into one table."""
 
 from __future__ import annotations
 
@@ -117,7 +118,8 @@ def _run(app: App, name: str, options: dict, **kwargs) -> dict:
 
 @click.group("bench")
 def bench_group() -> None:
-    """Measure swap cost, mixed-adapter serving, memory per adapter and training speed."""
+    """Measure swap cost, mixed-adapter serving, memory per adapter, training speed and the
+    quality of adapters trained with the defaults."""
 
 
 @bench_group.command("swap")
@@ -245,6 +247,47 @@ def train_cmd(app: App, steps, **options) -> None:
     _run(app, "train", options, steps=steps)
 
 
+@bench_group.command("quality")
+@click.option("--dev", is_flag=True,
+              help="Choose defaults: compare candidate settings on a dev split of each "
+              "classification domain's train.jsonl (eval.jsonl is not read).")  # fmt: skip
+@click.option("--quick", is_flag=True, help="2 seeds, one classification and one generation "
+              "domain (a smoke run).")  # fmt: skip
+@click.option("--seeds", type=click.IntRange(1), help="Training seeds per cell (default 5).")
+@click.option("--domain", "domains", multiple=True,
+              help="Only these domains (repeatable; default reviews, support, news, shout, "
+              "reverse, dates).")  # fmt: skip
+@click.option("--data", "data_dir", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Folder of domains (default: examples/data of the source tree).")  # fmt: skip
+@click.option("--gen-base", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Causal base folder for the generation tasks (default: pretrain a small one "
+              "from scratch, cached in --workdir).")  # fmt: skip
+@click.option("--jobs", type=click.IntRange(1), default=1, show_default=True,
+              help="Training runs at a time (processes).")  # fmt: skip
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write results here.")  # fmt: skip
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Default: cuda when available, else cpu.")  # fmt: skip
+@click.option("--threads", type=click.IntRange(1),
+              help="torch CPU threads per training run (default 1).")  # fmt: skip
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where data subsets, runs and the generation base are built and cached "
+              "(default: a temporary folder, removed afterwards).")  # fmt: skip
+@pass_app
+def quality_cmd(app: App, dev, seeds, domains, data_dir, gen_base, jobs, **options) -> None:
+    """Held-out scores of adapters trained with the default settings (classification on MiniLM
+    from 40 and from all rows, generation on a small from-scratch base), mean and worst seed
+    against the base alone; --dev compares candidate defaults on dev splits instead."""
+    kwargs: dict = {"dev": dev, "seeds": seeds, "data_dir": data_dir, "gen_base": gen_base,
+                    "jobs": jobs}  # fmt: skip
+    if domains:
+        from adaptory.adapters.bench.quality import split_domains
+
+        kwargs["classification"], kwargs["generation"] = split_domains(list(domains), data_dir)
+    options.update(size="small", base_dir=None, repeats=1, build="auto", rank=16, mlp=False)
+    _run(app, "quality", options, **kwargs)
+
+
 @bench_group.command("summary")
 @click.argument("files", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
@@ -345,7 +388,9 @@ def render(app: App, result: dict) -> None:
         f"{s.get('built', 'folder')}) · {s['device']} · {where} · torch {m.get('torch', '')}"
     )
     results = result["results"]
-    if result["bench"] == "memory":
+    if result["bench"] == "quality":
+        _render_quality(app, result)
+    elif result["bench"] == "memory":
         _render_memory(app, title, results)
     else:
         table = Table(title=title)
@@ -429,3 +474,36 @@ def _render_memory(app: App, title: str, r: dict) -> None:
                 f"  {name}: median {_fmt_s(row['median_s'])}, {row['tokens_per_s']:.1f} tokens/s",
                 highlight=False,
             )
+
+
+def _render_quality(app: App, result: dict) -> None:
+    from rich.table import Table
+
+    s, m = result["settings"], result.get("machine", {})
+    where = m.get("gpu") or f"{m.get('cpu', '')} ×{m.get('nproc', '?')}"
+    seeds = len(s.get("seeds") or [])
+    scored = "dev split of train.jsonl" if s.get("dev") else "held-out eval.jsonl"
+    table = Table(title=f"bench quality · {seeds} seeds · scored on {scored} · {s['device']} · "
+                  f"{where}")  # fmt: skip
+    for column in ("variant", "domain", "rows", "metric", "mean", "worst seed", "base only",
+                   "steps"):  # fmt: skip
+        right = column not in ("variant", "domain", "metric")
+        table.add_column(column, justify="right" if right else "left")
+    for r in result["results"].values():
+        table.add_row(r["variant"], r["domain"], str(r["rows"]),
+                      r["metric"], f"{r['mean']:.3f}", f"{r['worst']:.3f}",
+                      f"{r['base_only']:.3f}", str(r["steps"]))  # fmt: skip
+    app.out.print(table)
+    if result.get("candidates"):
+        ranked = Table(title="candidates, best first (mean over cells)")
+        for column in ("candidate", "dev mean", "mean worst seed"):
+            ranked.add_column(column, justify="left" if column == "candidate" else "right")
+        for c in result["candidates"]:
+            ranked.add_row(c["name"], f"{c['mean']:.3f}", f"{c['worst']:.3f}")
+        app.out.print(ranked)
+        app.out.print(f"chosen: {result['chosen']}", highlight=False)
+    for name, outcome in result.get("targets", {}).items():
+        verdict, measured = _verdict(outcome)
+        app.out.print(styled(f"{name}: {measured}  "), verdict, highlight=False)
+    for note in result.get("notes", []):
+        app.out.print(styled((note, "dim")), highlight=False)

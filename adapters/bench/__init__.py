@@ -1,5 +1,5 @@
 """Benchmarks: adapter swap cost, mixed-adapter serving throughput, memory per adapter, training,
-the server end to end.
+the server end to end; and the quality of adapters trained with the defaults (quality.py).
 
 Each `bench_*` function returns a JSON-able dict. Every compared variant is measured in the same
 process, interleaved (variant order rotates each repeat), after one untimed warm-up run of each,
@@ -30,6 +30,7 @@ from adaptory.adapters.bench.harness import (
 )
 from adaptory.adapters.bench.http import bench_http, serve_available, wait_healthy
 from adaptory.adapters.bench.memory import bench_memory
+from adaptory.adapters.bench.quality import bench_quality
 from adaptory.adapters.bench.scoring import bench_scoring
 from adaptory.adapters.bench.serve import bench_serve, plot_serve
 from adaptory.adapters.bench.swap import bench_swap
@@ -50,6 +51,7 @@ __all__ = [
     "bench_http",
     "bench_loaded",
     "bench_memory",
+    "bench_quality",
     "bench_serve",
     "bench_swap",
     "bench_train",
@@ -78,6 +80,7 @@ BENCHES: dict[str, Callable[..., dict]] = {
     "train": bench_train,
     "http": bench_http,
     "scoring": bench_scoring,
+    "quality": bench_quality,
 }
 
 
