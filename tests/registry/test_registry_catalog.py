@@ -17,6 +17,7 @@ from adaptory.registry.catalog import (
     BUSY_TIMEOUT_MS,
     MIGRATIONS,
     Catalog,
+    _is_corruption,
     dumps,
     m001_entries,
     m002_tags,
@@ -176,6 +177,25 @@ def test_an_intact_schema_passes_and_an_extra_table_is_damage(catalog):
     assert str(catalog.path) in info.value.message
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "CREATE TABLE zz_last (x)",
+        "CREATE VIEW every_name AS SELECT name FROM entries",
+        "CREATE TRIGGER forget AFTER INSERT ON entries BEGIN DELETE FROM tags; END",
+    ],
+)
+def test_an_extra_object_that_sorts_after_the_schema_is_damage(catalog, extra):
+    raw_conn = sqlite3.connect(catalog.path)
+    raw_conn.execute(extra)
+    raw_conn.commit()
+    raw_conn.close()
+    with pytest.raises(CatalogDamaged) as info:
+        with catalog.reading():
+            pass
+    assert "its tables differ from what its migrations create" in info.value.message
+
+
 def test_a_catalog_from_a_newer_adaptory_names_the_unknown_migration(catalog):
     raw_conn = sqlite3.connect(catalog.path)
     raw_conn.execute("INSERT INTO schema_version VALUES ('m999_future', 'later')")
@@ -253,6 +273,21 @@ def test_a_failed_statement_is_a_storage_error_and_nothing_is_written(catalog):
     )
     assert not isinstance(info.value, CatalogDamaged)
     assert raw(catalog, "SELECT name FROM entries") == [("a",)]
+
+
+def test_a_commit_that_fails_is_a_storage_error_and_nothing_is_written(catalog):
+    add(catalog)
+    with pytest.raises(StorageError) as info:
+        with catalog.writing() as conn:
+            conn.execute("PRAGMA defer_foreign_keys = ON")  # the check moves to COMMIT
+            catalog.insert(conn, values(name="b"))
+            catalog.set_tag(conn, "b", "best", 999)  # no entry #999
+    assert info.value.message == (
+        "writing the catalog failed: FOREIGN KEY constraint failed; nothing was changed"
+    )
+    assert not isinstance(info.value, CatalogDamaged)
+    assert raw(catalog, "SELECT name FROM entries") == [("a",)]
+    assert raw(catalog, "SELECT count(*) FROM tags") == [(0,)]
 
 
 def test_a_constraint_violation_is_not_reported_as_damage(catalog):
@@ -480,3 +515,86 @@ def test_a_failed_read_is_a_storage_error_naming_the_file(catalog):
             conn.execute("SELECT * FROM nowhere")
     assert info.value.message == f"reading {catalog.path} failed: no such table: nowhere"
     assert not isinstance(info.value, CatalogDamaged)
+
+
+def test_a_one_byte_catalog_exists(tmp_path):
+    cat = Catalog(tmp_path / "catalog.db")
+    cat.path.write_bytes(b"S")  # what a truncated catalog.db may keep
+    assert cat.exists()  # any content: the registry then calls it damage ("has no tables")
+
+
+def test_a_catalog_that_cannot_be_opened_is_a_storage_error_not_damage(tmp_path):
+    cat = Catalog(tmp_path / "missing" / "catalog.db")
+    with pytest.raises(StorageError) as info:
+        cat.connect()
+    assert info.value.message.startswith(f"cannot open {cat.path}: ")
+    assert not isinstance(info.value, CatalogDamaged)
+    assert not cat.path.parent.exists()
+
+
+def test_reading_sees_what_another_open_connection_committed_to_the_wal(catalog):
+    # A server keeps catalog.db open, so a commit stays in the WAL file (no checkpoint);
+    # a reader that ignored the WAL would miss the entry (and gc could delete its blob).
+    other = sqlite3.connect(catalog.path, isolation_level=None)
+    try:
+        other.execute("PRAGMA wal_autocheckpoint = 0")
+        assert other.execute("SELECT count(*) FROM entries").fetchone() == (0,)
+        with catalog.writing() as conn:
+            catalog.insert(conn, values(name="in-wal"))
+        assert Path(f"{catalog.path}-wal").stat().st_size > 0
+        with catalog.reading() as conn:
+            assert [e.ref for e in catalog.select(conn)] == ["in-wal:1"]
+            assert catalog.digests(conn) == {
+                r[0] for r in raw(catalog, "SELECT digest FROM entries")
+            }
+    finally:
+        other.close()
+
+
+def test_health_goes_on_past_an_unreadable_row(catalog):
+    raw_conn = sqlite3.connect(catalog.path)
+    raw_conn.execute("INSERT INTO entries (name, version, digest, peft_config, files, created_at, "
+                     "size_bytes) VALUES ('b', 1, 'x', '{not json', '{}', 'now', 0)")  # fmt: skip
+    raw_conn.commit()
+    raw_conn.close()
+    later = add(catalog)
+    raw_conn = sqlite3.connect(catalog.path)  # a digest above the true one, which sorts lower
+    raw_conn.execute("UPDATE entries SET digest = ? WHERE id = ?", ("f" * 64, later))
+    raw_conn.commit()
+    raw_conn.close()
+    with catalog.reading() as conn:
+        problems = catalog.health(conn)
+    assert problems[0].startswith("entry #1 (b:1): unreadable metadata (")
+    assert problems[1:] == [f"entry #{later} (a:1): its digest does not match its file list"]
+
+
+def test_health_reports_every_line_of_sqlites_integrity_check(catalog):
+    # A NULL in a NOT NULL column (slipped in by dropping the constraint from the schema text
+    # and putting it back): SQLite's check says "NULL value in entries.created_at", a line
+    # that sorts before "ok".
+    first = add(catalog)
+    sql = raw(catalog, "SELECT sql FROM sqlite_master WHERE name = 'entries'")[0][0]
+    relaxed = sql.replace("created_at TEXT NOT NULL", "created_at TEXT")
+    assert relaxed != sql
+    conn = sqlite3.connect(catalog.path, isolation_level=None)
+    conn.execute("PRAGMA writable_schema = ON")
+    conn.execute("UPDATE sqlite_master SET sql = ? WHERE name = 'entries'", (relaxed,))
+    conn.close()
+    conn = sqlite3.connect(catalog.path, isolation_level=None)  # reads the relaxed schema
+    conn.execute("UPDATE entries SET created_at = NULL WHERE id = ?", (first,))
+    conn.execute("PRAGMA writable_schema = ON")
+    conn.execute("UPDATE sqlite_master SET sql = ? WHERE name = 'entries'", (sql,))
+    conn.close()
+    expected = [r[0] for r in raw(catalog, "PRAGMA integrity_check") if r[0] != "ok"]
+    assert expected == ["NULL value in entries.created_at"]  # the oracle found the damage
+    with catalog.reading() as conn:
+        assert catalog.health(conn) == [f"SQLite integrity check: {p}" for p in expected]
+
+
+def test_only_damage_counts_as_corruption():
+    assert _is_corruption(sqlite3.DatabaseError("database disk image is malformed"))
+    assert _is_corruption(sqlite3.DatabaseError("file is not a database"))
+    assert _is_corruption(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"))
+    assert _is_corruption(sqlite3.OperationalError("database disk image is malformed"))
+    assert not _is_corruption(sqlite3.OperationalError("database is locked"))
+    assert not _is_corruption(sqlite3.IntegrityError("UNIQUE constraint failed: entries.name"))
