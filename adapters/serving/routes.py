@@ -184,12 +184,7 @@ def _prompts(rt: Runtime, prompt) -> list[Prompt]:
         if isinstance(item, str):
             out.append(Prompt(rt.encode(item), item))
             continue
-        bad = next((t for t in item if t >= vocab), None)
-        if bad is not None:
-            raise APIError(
-                400, f"prompt[{i}]: token id {bad} is outside the vocabulary (0 … {vocab - 1})",
-                code="invalid_prompt",
-            )  # fmt: skip
+        validation.check_token_ids(item, vocab, f"prompt[{i}]", code="invalid_prompt")
         out.append(Prompt(list(item), rt.decode(list(item))))
     return out
 
@@ -270,13 +265,7 @@ async def tokenize(request: Request, models: ModelsDep):
 async def detokenize(request: Request, models: ModelsDep):
     body = await validation.read(request, protocol.DetokenizeRequest)
     rt = models.tokenizer_of(body.model)
-    vocab = len(rt.tokenizer)
-    bad = next((t for t in body.tokens if t >= vocab), None)
-    if bad is not None:
-        raise APIError(
-            400, f"tokens: token id {bad} is outside the vocabulary (0 … {vocab - 1})",
-            code="invalid_value",
-        )  # fmt: skip
+    validation.check_token_ids(body.tokens, len(rt.tokenizer), "tokens")
     return {"prompt": await asyncio.to_thread(rt.decode, body.tokens)}
 
 

@@ -110,10 +110,13 @@ def _field_path(error: dict) -> list:
 BRANCHES = {"str", "int", "float", "bool", "dict", "list", "TextPart", "function-after"}
 
 
-def require(body: dict, name: str):
-    if body.get(name) in (None, ""):
-        raise APIError(400, f"missing required field '{name}'", code="missing_field")
-    return body[name]
+def check_token_ids(ids, vocab: int, where: str, code: str = "invalid_value") -> None:
+    """400 naming `where` if a token id is outside the vocabulary [0, vocab)."""
+    bad = next((t for t in ids if t >= vocab), None)
+    if bad is not None:
+        raise APIError(
+            400, f"{where}: token id {bad} is outside the vocabulary (0 … {vocab - 1})", code=code
+        )
 
 
 def texts(inputs: str | list[str], limit: int) -> list[str]:
@@ -220,11 +223,7 @@ def generation_requests(
     for key, value in (request.logit_bias or {}).items():
         if not key.isdigit() or int(key) >= 2**31:
             raise APIError(400, f"logit_bias: '{key}' is not a token id", code="invalid_value")
-        if int(key) >= vocab:
-            raise APIError(
-                400, f"logit_bias: token id {key} is outside the vocabulary (0 … {vocab - 1})",
-                code="invalid_value",
-            )  # fmt: skip
+        check_token_ids([int(key)], vocab, "logit_bias")
         bias[int(key)] = value
     best_of = getattr(request, "best_of", None) or request.n
     ranked = best_of > request.n  # best_of ranks choices by their cumulative logprob
