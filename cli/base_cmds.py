@@ -81,35 +81,41 @@ def base_init(app: App, name, arch, size, corpus, seed, out, force) -> None:
     help="Text file(s) to pretrain on (and train the tokenizer on). Default: the shipped corpus.",
 )
 @click.option(
-    "--size", type=click.Choice(["tiny", "small", "base"]), default="small", show_default=True
+    "--recipe",
+    type=click.Choice(["tinylm"]),
+    help="Every setting of a base Adaptory ships (tinylm: the built-in generation base); "
+    "options given as well override it.",
 )
-@click.option("--steps", type=click.IntRange(1), default=300, show_default=True)
-@click.option("--seq-len", type=click.IntRange(8), default=128, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
-@click.option("--lr", type=float, default=3e-3, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--size", type=click.Choice(["tiny", "small", "base"]), help="Model shape. [default: small]"
+)
+@click.option("--steps", type=click.IntRange(1), help="Optimizer steps. [default: 300]")
+@click.option("--seq-len", type=click.IntRange(8), help="Tokens per sequence. [default: 128]")
+@click.option("--batch-size", type=click.IntRange(1), help="Sequences per step. [default: 16]")
+@click.option("--lr", type=float, help="Peak learning rate. [default: 0.003]")
+@click.option("--vocab", "vocab_size", type=click.IntRange(260), help="Tokenizer vocabulary "
+              "(260: bytes only, no merges). [default: the size's]")  # fmt: skip
+@click.option(
+    "--exercises",
+    "exercise_bytes",
+    type=click.IntRange(0),
+    help="Mix this many bytes of generated string exercises into the corpus. [default: 0]",
+)
+@click.option("--seed", type=int, help="Seeds the tokenizer, weights and batches. [default: 0]")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Replace an existing base of that name.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_app
-def base_pretrain(
-    app: App, name, corpus, size, steps, seq_len, batch_size, lr, seed, out, force, as_json
-) -> None:
+def base_pretrain(app: App, name, corpus, recipe, out, force, as_json, **given) -> None:
     """Pretrain a small Llama-style base NAME from scratch on local text (no network)."""
-    from adaptory.adapters.training.pretrain import pretrain_base
+    from adaptory.adapters.training.pretrain import PRETRAIN_DEFAULTS, RECIPES, pretrain_base
 
+    settings = {**PRETRAIN_DEFAULTS, **(RECIPES[recipe] if recipe else {})}
+    settings.update({key: value for key, value in given.items() if value is not None})
     target = _target(app, name, out)
     _refuse_existing(target, force)
     result = pretrain_base(
-        target,
-        corpus=list(corpus) or None,
-        size=size,
-        steps=steps,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        show_progress=not as_json,
+        target, corpus=list(corpus) or None, show_progress=not as_json, **settings
     )
     if as_json:
         app.out.print_json(json.dumps(result))

@@ -107,6 +107,8 @@ def save_base(model, tokenizer, out: Path, info: dict) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "adaptory_base.json").write_text(json.dumps(info, indent=2) + "\n")
+        for path in [tmp, *tmp.iterdir()]:  # mkdtemp and safetensors make them owner-only
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -125,8 +127,10 @@ def init_base(
     seed: int = 0,
     vocab_size: int | None = None,
     description: str = "",
+    texts: list[str] | None = None,
 ):
-    """Build an untrained base (tokenizer trained on `corpus`) and save it to `out`.
+    """Build an untrained base (tokenizer trained on `corpus`, or on `texts` made from it) and
+    save it to `out`.
 
     Returns (model, tokenizer, info) so `pretrain` can continue without reloading.
     """
@@ -138,7 +142,7 @@ def init_base(
     if size not in SIZES:
         raise ConfigError(f"unknown size '{size}'", hint=f"choose one of {', '.join(SIZES)}")
     files = list(corpus) if corpus else [DEFAULT_CORPUS]
-    texts = read_corpus(files)
+    texts = texts if texts is not None else read_corpus(files)
     vocab = vocab_size or SIZES[size].vocab
     tokenizer = build_tokenizer(texts, vocab)
     model = build_model(size, len(tokenizer), tokenizer, seed=seed)

@@ -13,6 +13,36 @@ from pathlib import Path
 
 from adaptory.registry.errors import ConfigError
 
+# What `adaptory base pretrain` does when neither a recipe nor an option says otherwise.
+PRETRAIN_DEFAULTS: dict = {
+    "size": "small",
+    "steps": 300,
+    "seq_len": 128,
+    "batch_size": 16,
+    "lr": 3e-3,
+    "seed": 0,
+}
+
+# Named recipes: every setting of a base Adaptory ships, so `adaptory base pretrain NAME --recipe
+# R` rebuilds it (bit for bit on the same torch version and CPU). `tinylm` is the built-in
+# generation base: the small shape with a byte-level vocabulary (no BPE merges: a letter is a
+# token, so case and word order are operations on tokens) pretrained on the shipped prose mixed
+# with generated string exercises (adapters/bases/exercises.py), then saved in float16.
+RECIPES: dict[str, dict] = {
+    "tinylm": {
+        "size": "small",
+        "vocab_size": 260,
+        "exercise_bytes": 8_000_000,
+        "steps": 3000,
+        "seq_len": 128,
+        "batch_size": 32,
+        "lr": 2e-3,
+        "seed": 0,
+        "warmup": 0.03,
+        "save_dtype": "float16",
+    },
+}
+
 
 def pack_tokens(texts: list[str], tokenizer) -> list[int]:
     """The corpus as one token stream, documents (and lines) separated by eos."""
@@ -26,13 +56,11 @@ def pack_tokens(texts: list[str], tokenizer) -> list[int]:
     return stream
 
 
-def corpus_tokens(files: list[Path], tokenizer, seq_len: int):
-    """The corpus files as one tensor of token ids; ConfigError if it cannot fill a sequence."""
+def text_tokens(texts: list[str], tokenizer, seq_len: int):
+    """The texts as one tensor of token ids; ConfigError if they cannot fill a sequence."""
     import torch
 
-    from adaptory.adapters.bases.tiny import read_corpus
-
-    stream = torch.tensor(pack_tokens(read_corpus(files), tokenizer), dtype=torch.long)
+    stream = torch.tensor(pack_tokens(texts, tokenizer), dtype=torch.long)
     if len(stream) < seq_len + 2:
         raise ConfigError(f"the corpus has {len(stream)} tokens, fewer than seq_len {seq_len}")
     return stream
@@ -51,11 +79,27 @@ def pretrain_base(
     show_progress: bool = True,
     warmup: float = 0.05,
     min_lr_ratio: float = 0.1,
+    vocab_size: int | None = None,
+    exercise_bytes: int = 0,
+    save_dtype: str | None = None,
 ) -> dict:
-    """Build, pretrain and save a base at `target`; return params, first/final loss, timing."""
+    """Build, pretrain and save a base at `target`; return params, first/final loss, timing.
+
+    `vocab_size` overrides the size's BPE vocabulary (260: bytes only, no merges);
+    `exercise_bytes` > 0 pretrains on the corpus mixed with that many bytes of generated
+    exercises (adapters/bases/exercises.py) instead of the corpus alone; `save_dtype` stores
+    the weights in that dtype ("float16": half the size).
+    """
     import torch
 
-    from adaptory.adapters.bases.tiny import DEFAULT_CORPUS, SIZES, init_base, save_base
+    from adaptory.adapters.bases.exercises import exercise_corpus
+    from adaptory.adapters.bases.tiny import (
+        DEFAULT_CORPUS,
+        SIZES,
+        init_base,
+        read_corpus,
+        save_base,
+    )
     from adaptory.adapters.training.progress import TrainProgress
 
     if size not in SIZES:
@@ -64,8 +108,13 @@ def pretrain_base(
         raise ConfigError(f"seq_len {seq_len} exceeds the {size} context of {SIZES[size].context}")
     started = time.perf_counter()
     files = list(corpus) if corpus else [DEFAULT_CORPUS]
-    model, tokenizer, info = init_base(Path(target), size=size, corpus=files, seed=seed)
-    stream = corpus_tokens(files, tokenizer, seq_len)
+    texts = read_corpus(files)
+    if exercise_bytes:
+        texts = [exercise_corpus("\n\n".join(texts), size_bytes=exercise_bytes, seed=seed)]
+    model, tokenizer, info = init_base(
+        Path(target), size=size, corpus=files, texts=texts, seed=seed, vocab_size=vocab_size
+    )
+    stream = text_tokens(texts, tokenizer, seq_len)
     # Hold out the last 5% of the stream to report a validation loss.
     split = int(len(stream) * 0.95)
     train_tokens, val_tokens = stream[:split], stream[split:]
@@ -94,11 +143,16 @@ def pretrain_base(
             "final_loss": final_loss,
             "val_loss": val_loss,
             "corpus_tokens": len(stream),
+            "exercise_bytes": exercise_bytes,
             "wall_time_s": round(wall, 2),
             "description": f"llama {size}, pretrained {steps} steps on "
-            + ", ".join(Path(f).name for f in files),
+            + ", ".join(Path(f).name for f in files)
+            + (" with generated exercises" if exercise_bytes else ""),
         }
     )
+    if save_dtype:
+        model.to(getattr(torch, save_dtype))
+        info["dtype"] = save_dtype
     save_base(model, tokenizer, Path(target), info)
     return {
         "path": str(target),

@@ -52,3 +52,37 @@ def test_pretrain_refuses_bad_settings(tmp_path, test_corpus):
         run(tmp_path / "x", test_corpus, size="huge")
     with pytest.raises(ConfigError):
         run(tmp_path / "x", test_corpus, seq_len=100_000)
+
+
+def test_bytes_vocab_exercises_and_half_precision(tmp_path, test_corpus):
+    """The settings the `tinylm` recipe uses: a byte-level vocabulary, generated exercises mixed
+    into the corpus, weights stored in float16."""
+    from safetensors import safe_open
+
+    result = run(tmp_path / "b", test_corpus, steps=3, vocab_size=260, exercise_bytes=30_000,
+                 save_dtype="float16")  # fmt: skip
+    info = read_base_info(tmp_path / "b")
+    assert info["vocab_size"] == 260 and info["exercise_bytes"] == 30_000
+    assert info["dtype"] == "float16"
+    assert result["tokens"] > 28_000  # a token per byte (blank lines become one eos)
+    with safe_open(str(tmp_path / "b" / "model.safetensors"), "pt") as fh:
+        assert {fh.get_tensor(k).dtype for k in fh.keys()} == {__import__("torch").float16}
+    base = load_base(str(tmp_path / "b"), task="causal-lm", device="cpu")
+    assert base.tokenizer.tokenize("Cat CAT") == ["C", "a", "t", "Ġ", "C", "A", "T"]
+
+
+def test_the_tinylm_recipe_is_what_the_cli_runs(tmp_path, test_corpus):
+    """`--recipe tinylm` fills every setting from RECIPES; an option given overrides it."""
+    from click.testing import CliRunner
+
+    from adaptory.cli.main import cli
+
+    out = tmp_path / "r"
+    res = CliRunner().invoke(cli, ["--home", str(tmp_path / "home"), "base", "pretrain", "r",
+                                   "--recipe", "tinylm", "--steps", "2", "--exercises", "20000",
+                                   "--batch-size", "2", "--seq-len", "16", "--corpus",
+                                   str(test_corpus), "--out", str(out), "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    info = read_base_info(out)
+    assert (info["steps"], info["exercise_bytes"], info["batch_size"]) == (2, 20_000, 2)
+    assert (info["vocab_size"], info["lr"], info["dtype"]) == (260, 2e-3, "float16")
