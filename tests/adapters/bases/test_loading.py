@@ -105,3 +105,19 @@ def test_the_shipped_corpus_is_found_as_package_data():
     from adaptory.adapters.bases.tiny import DEFAULT_CORPUS
 
     assert DEFAULT_CORPUS.is_file() and DEFAULT_CORPUS.stat().st_size > 10_000
+
+
+def test_builtin_tinylm_is_shipped_and_loads_in_4bit():
+    """The generation base ships as package data, byte-level, and loads offline in NF4."""
+    from adaptory.adapters.bases.loading import list_bases, load_base
+
+    source = resolve_base("tinylm")
+    assert source.kind == "builtin" and source.hub_id is None
+    assert source.model_name == str(source.path)  # not on the Hub: configs name the folder
+    row = next(r for r in list_bases() if r["name"] == "tinylm")
+    assert (row["kind"], row["task"]) == ("builtin", "causal-lm")
+    for path in [source.path, *source.path.iterdir()]:
+        assert path.stat().st_mode & 0o044 == 0o044, f"{path} is not readable by others"
+    base = load_base("tinylm", device="cpu")
+    assert base.task == "causal-lm" and len(base.tokenizer) == 260
+    assert type(base.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"

@@ -394,6 +394,29 @@ def test_minilm_lora_quality_bar(registry, tmp_path):
     assert result.metrics["accuracy"] >= 0.85
 
 
+@pytest.mark.slow
+def test_tinylm_learns_a_task_its_base_cannot_do(registry):
+    """The built-in generation base: with default settings (one seed; the quality suite runs
+    five), a LoRA adapter on the shout rows writes held-out answers exactly, and the base alone
+    does not."""
+    data = REPO / "examples" / "data" / "shout"
+    result = train_adapter(
+        TrainConfig(
+            base="tinylm",
+            name="shout",
+            data=str(data / "train.jsonl"),
+            eval_data=str(data / "eval.jsonl"),
+            keep="last",
+        ),  # fmt: skip
+        registry=registry,
+        show_progress=False,
+    )
+    print(f"tinylm shout: exact match {result.metrics['exact_match']:.3f} "
+          f"(base {result.metrics['base']['exact_match']:.3f})")  # fmt: skip
+    assert result.metrics["base"]["exact_match"] <= 0.1
+    assert result.metrics["exact_match"] >= 0.8
+
+
 _TRAIN = [
     ("Great product, works exactly as described.", "positive"),
     ("Terrible quality, it broke after a week.", "negative"),
