@@ -68,14 +68,24 @@ class TrainingInterrupted(AdaptoryError):
 # Defaults sized by the data: enough optimizer steps for a small set to fit (a few dozen rows
 # are a few steps per epoch), one epoch or more for a large one; a bounded warm-up.
 MIN_STEPS = 160
+# Virtual-token methods (prefix and prompt tuning) learn through a few vectors that every layer
+# attends to, and need more steps: on a dev split of the reverse task (300 rows, tinylm) prefix
+# tuning reached exact match 0 after 152 steps, 0.32 after 304 (docs/BENCHMARKS.md, "Quality").
+VIRTUAL_TOKEN_MIN_STEPS = 600
 MAX_EPOCHS = 40
 MAX_WARMUP = 100
 HEAD_LR_FACTOR = 1.0  # default of head_lr_factor (docs/BENCHMARKS.md, "Quality", says why)
 
 
-def auto_epochs(steps_per_epoch: int) -> int:
-    """Epochs when none are given: at least MIN_STEPS steps in all, between 1 and MAX_EPOCHS."""
-    return max(1, min(MAX_EPOCHS, math.ceil(MIN_STEPS / max(1, steps_per_epoch))))
+def min_steps(method: str) -> int:
+    """The fewest optimizer steps a data-sized run of `method` takes (see MIN_STEPS)."""
+    return VIRTUAL_TOKEN_MIN_STEPS if method in ("prefix", "prompt") else MIN_STEPS
+
+
+def auto_epochs(steps_per_epoch: int, method: str = "lora") -> int:
+    """Epochs when none are given: at least min_steps(method) steps in all, between 1 and
+    MAX_EPOCHS."""
+    return max(1, min(MAX_EPOCHS, math.ceil(min_steps(method) / max(1, steps_per_epoch))))
 
 
 @dataclass
@@ -202,7 +212,7 @@ class TrainConfig:
         """`max_steps`, else `epochs` (or the data-sized default) times the epoch's steps."""
         if self.max_steps:
             return self.max_steps
-        return (self.epochs or auto_epochs(steps_per_epoch)) * steps_per_epoch
+        return (self.epochs or auto_epochs(steps_per_epoch, self.method)) * steps_per_epoch
 
     def head_lr(self, task: str) -> float | None:
         """The learning rate of a classifier's newly initialised head (None: no head)."""
