@@ -276,7 +276,7 @@ def train_cmd(app: App, steps, **options) -> None:
 @pass_app
 def quality_cmd(app: App, dev, seeds, domains, data_dir, gen_base, jobs, **options) -> None:
     """Held-out scores of adapters trained with the default settings (classification on MiniLM
-    from 40 and from all rows, generation on a small from-scratch base), mean and worst seed
+    from 40 and from all rows, generation with LoRA and prefix on tinylm), mean and worst seed
     against the base alone; --dev compares candidate defaults on dev splits instead."""
     kwargs: dict = {"dev": dev, "seeds": seeds, "data_dir": data_dir, "gen_base": gen_base,
                     "jobs": jobs}  # fmt: skip
@@ -485,12 +485,12 @@ def _render_quality(app: App, result: dict) -> None:
     scored = "dev split of train.jsonl" if s.get("dev") else "held-out eval.jsonl"
     table = Table(title=f"bench quality · {seeds} seeds · scored on {scored} · {s['device']} · "
                   f"{where}")  # fmt: skip
-    for column in ("variant", "domain", "rows", "metric", "mean", "worst seed", "base only",
-                   "steps"):  # fmt: skip
-        right = column not in ("variant", "domain", "metric")
+    for column in ("variant", "domain", "method", "rows", "metric", "mean", "worst seed",
+                   "base only", "steps"):  # fmt: skip
+        right = column not in ("variant", "domain", "method", "metric")
         table.add_column(column, justify="right" if right else "left")
     for r in result["results"].values():
-        table.add_row(r["variant"], r["domain"], str(r["rows"]),
+        table.add_row(r["variant"], r["domain"], r.get("method", "lora"), str(r["rows"]),
                       r["metric"], f"{r['mean']:.3f}", f"{r['worst']:.3f}",
                       f"{r['base_only']:.3f}", str(r["steps"]))  # fmt: skip
     app.out.print(table)

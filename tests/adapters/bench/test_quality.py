@@ -86,7 +86,7 @@ def test_quality_reports_mean_worst_and_base_per_domain_and_size(
     gen_eval = _rows(data_dir / "loud" / "eval.jsonl")
     assert result["bench"] == "quality" and result["settings"]["seeds"] == [0, 1]
     # 8 sampled rows, and all 24 when the size exceeds the file; generation trains on all 12
-    assert set(result["results"]) == {"mini/8", "mini/24", "loud/12"}
+    assert set(result["results"]) == {"mini/8", "mini/24", "loud/12/lora", "loud/12/prefix"}
     for key, cell in result["results"].items():
         assert len(cell["scores"]) == len(cell["base_scores"]) == 2, key
         assert min(cell["scores"]) == cell["worst"] <= cell["mean"] <= cell["best"], key
@@ -97,7 +97,8 @@ def test_quality_reports_mean_worst_and_base_per_domain_and_size(
         assert cell["rows_scored"] == 10 and cell["scored_on"] == "eval.jsonl"
         for score in cell["scores"] + cell["base_scores"]:  # accuracy over the 10 eval rows
             assert score * 10 == pytest.approx(round(score * 10))
-    loud = result["results"]["loud/12"]
+    loud = result["results"]["loud/12/lora"]
+    assert result["results"]["loud/12/prefix"]["method"] == "prefix"
     assert loud["rows_scored"] == 5 and loud["eval_loss"] > 0 and loud["base_eval_loss"] > 0
     assert [s["expected"] for s in loud["samples"]] == [r["completion"] for r in gen_eval[:2]]
     # the seeds differ, so the worst seed is not any seed
@@ -114,19 +115,21 @@ def test_quality_reports_mean_worst_and_base_per_domain_and_size(
     assert set(result["targets"]) == {
         "mini/8: worst seed accuracy >= base-only",
         "mini/24: worst seed accuracy >= base-only",
-        "loud/12: mean exact match >= 0.8",
+        "loud/12/lora: mean exact match >= 0.8",
+        "loud/12/prefix: mean exact match >= 0.5",
     }
-    bar = result["targets"]["loud/12: mean exact match >= 0.8"]
+    bar = result["targets"]["loud/12/lora: mean exact match >= 0.8"]
     assert bar["value"] == loud["mean"] and bar["threshold"] == 0.8
     printed = _rendered(result)
     for key, cell in result["results"].items():
-        domain, rows = key.split("/")
+        domain, rows, *method = key.split("/")
         assert any(
-            line.split()[1:7] == [domain, rows, cell["metric"], f"{cell['mean']:.3f}",
+            line.split()[1:8] == [domain, *(method or ["lora"]), rows, cell["metric"],
+                                  f"{cell['mean']:.3f}",
                                   f"{cell['worst']:.3f}", f"{cell['base_only']:.3f}"]
             for line in printed.replace("│", " ").splitlines() if line.split()
         ), (key, printed)  # fmt: skip
-    assert "loud/12: mean exact match >= 0.8" in printed
+    assert "loud/12/lora: mean exact match >= 0.8" in printed
 
 
 def test_dev_mode_chooses_on_a_split_of_train_and_never_reads_eval(
