@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import math
+
 from fastapi.responses import JSONResponse
 
-from adaptory.adapters.serving.runtime import AdapterInUse
+from adaptory.adapters.serving.runtime import REFUSAL_DELAY_S, AdapterInUse, AdapterRefused
 from adaptory.adapters.serving.scheduler import SchedulerClosed
 from adaptory.registry.errors import (
     AdaptoryError,
@@ -29,10 +31,12 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        delay_s: float = 0.0,
     ):
         super().__init__(message)
         self.status, self.message, self.type, self.code = status, message, type, code
         self.headers = headers
+        self.delay_s = delay_s  # the answer waits this long (a refusal a client may loop on)
 
 
 class ClientGone(Exception):
@@ -59,6 +63,15 @@ def api_error(exc: AdaptoryError) -> APIError:
         return APIError(500, message, type="adapter_error", code="adapter_integrity")
     if isinstance(exc, AdapterInUse):
         return APIError(409, message, code="adapter_in_use")
+    if isinstance(exc, AdapterRefused):
+        return APIError(
+            400,
+            message,
+            type="adapter_error",
+            code="invalid_adapter",
+            headers={"Retry-After": str(max(1, math.ceil(exc.seconds_left)))},
+            delay_s=min(REFUSAL_DELAY_S, exc.seconds_left),
+        )
     if isinstance(exc, InvalidAdapter):
         return APIError(400, message, type="adapter_error", code="invalid_adapter")
     if isinstance(exc, SchedulerClosed):

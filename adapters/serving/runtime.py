@@ -41,6 +41,20 @@ __all__ = ["BASE", "AdapterInUse", "GenerationRequest", "GenerationResult", "Run
 MAX_AUTO_BATCH = 256  # rows; like vLLM's default max_num_seqs
 BREAKER_FAILURES = 3  # requests in a row with non-finite logits before an adapter is refused
 BREAKER_SECONDS = 30.0  # for how long (then one request may try it again)
+# A refused request is answered after this long (or the refusal's time left, if less): a
+# client retrying in a loop then sends about one request a second instead of hundreds, which
+# would crowd out every other client (the refusal costs a request's parsing and routing).
+REFUSAL_DELAY_S = 1.0
+
+
+class AdapterRefused(InvalidAdapter):
+    """An adapter the breaker refuses for `seconds_left` more (its last rows all failed)."""
+
+    def __init__(self, message: str, *, hint: str | None = None, seconds_left: float) -> None:
+        super().__init__(message, hint=hint)
+        self.seconds_left = seconds_left
+
+
 SERVABLE = {"causal-lm": ("lora", "prefix"), "seq-cls": ("lora",)}
 _PLACEHOLDER_LABELS = ["LABEL_0", "LABEL_1"]  # the shared seq-cls base's own head is never used
 
@@ -247,7 +261,7 @@ class Runtime:
             self._nonfinite.clear()
             self._refused_until.clear()
 
-    def refusal(self, key: str) -> InvalidAdapter | None:
+    def refusal(self, key: str) -> AdapterRefused | None:
         """Why adapter `key` is refused without running (its last rows all failed), or None."""
         with self.lock:
             until = self._refused_until.get(key)
@@ -257,10 +271,11 @@ class Runtime:
             if left <= 0:
                 del self._refused_until[key]
                 return None
-        return InvalidAdapter(
+        return AdapterRefused(
             f"adapter {key} produced non-finite logits (NaN or infinity) on its last "
             f"{BREAKER_FAILURES} requests; refused for {left:.0f} s more",
             hint="check the adapter's weights for NaN, infinity or huge values",
+            seconds_left=left,
         )
 
     def _release(self, adapter: ResidentAdapter | None) -> None:

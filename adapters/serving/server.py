@@ -105,11 +105,13 @@ async def _client_gone(request: Request, exc: ClientGone):  # nobody reads it; m
 
 
 async def _api_error(request: Request, exc: APIError):
+    if exc.delay_s > 0:  # a refusal a client may retry in a loop: slow the loop, not the server
+        await asyncio.sleep(exc.delay_s)
     return error_response(exc)
 
 
 async def _adaptory_error(request: Request, exc: AdaptoryError):
-    return error_response(api_error(exc))
+    return await _api_error(request, api_error(exc))
 
 
 async def _invalid_request(request: Request, exc: RequestValidationError):

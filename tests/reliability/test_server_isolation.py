@@ -311,7 +311,7 @@ def test_an_adapter_failing_again_and_again_is_refused_without_a_prefill(
     """After BREAKER_FAILURES requests in a row with non-finite logits, the adapter is refused
     at admission (same 400 invalid_adapter, saying why) without being prefilled; other adapters
     are unaffected; once the refusal lapses, one request tries it again."""
-    from adaptory.adapters.serving.runtime import BREAKER_FAILURES
+    from adaptory.adapters.serving.runtime import BREAKER_FAILURES, BREAKER_SECONDS
 
     _, client, app = live
     rt = setup[1][str(long_base_dir)]
@@ -327,12 +327,14 @@ def test_an_adapter_failing_again_and_again_is_refused_without_a_prefill(
         error = r.json()["error"]
         assert r.status_code == 400 and error["code"] == "invalid_adapter", r.text
         assert "refused for" in error["message"] and "lora-overflow:1" in error["message"]
+        assert 1 <= int(r.headers["retry-after"]) <= BREAKER_SECONDS
     assert scheduler.admitted == admitted  # none of them was prefilled
     ok = client.post("/v1/completions", json={**body, "model": "lora-a"})
     assert ok.status_code == 200 and scheduler.admitted == admitted + 1
     rt._refused_until["lora-overflow:1"] = 0.0  # the refusal has lapsed
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 400 and "refused for" not in r.json()["error"]["message"]
+    assert "retry-after" not in r.headers
     assert scheduler.admitted == admitted + 2  # tried again: prefilled, failed again
 
 
@@ -641,3 +643,24 @@ def test_an_unexpected_exception_is_json_and_the_connection_stays_open(live):
         assert status == 400 and "stream_options" in json.loads(body)["error"]["message"]
         status, _, body = _exchange(sock, b"GET /health HTTP/1.1\r\n" + head + b"\r\n")
         assert status == 200 and json.loads(body)["status"] == "ok"
+
+
+def test_a_breaker_refusal_is_answered_late_so_a_retry_loop_cannot_crowd_the_server():
+    """The refusal carries Retry-After (the seconds left, rounded up) and is answered after
+    REFUSAL_DELAY_S, or the seconds left when fewer; other invalid adapters are answered at once."""
+    from adaptory.adapters.serving.http_errors import api_error
+    from adaptory.adapters.serving.runtime import REFUSAL_DELAY_S, AdapterRefused
+    from adaptory.registry.errors import InvalidAdapter
+
+    long = api_error(AdapterRefused("refused", seconds_left=12.2))
+    assert (long.status, long.code, long.headers) == (400, "invalid_adapter", {"Retry-After": "13"})
+    assert long.delay_s == REFUSAL_DELAY_S
+    short = api_error(AdapterRefused("refused", seconds_left=0.25))
+    assert short.headers == {"Retry-After": "1"} and short.delay_s == 0.25
+    plain = api_error(InvalidAdapter("bad header"))
+    assert (plain.status, plain.code, plain.delay_s, plain.headers) == (
+        400,
+        "invalid_adapter",
+        0.0,
+        None,
+    )
