@@ -18,9 +18,15 @@ def base_group() -> None:
 
 
 def _target(app: App, name: str, out: Path | None) -> Path:
-    from adaptory.adapters.bases.loading import bases_dir, check_base_name
+    from adaptory.adapters.bases.loading import BUILTIN_BASES, bases_dir, check_base_name
+    from adaptory.registry.errors import ConfigError
 
     check_base_name(name)
+    if name in BUILTIN_BASES and out is None:  # `--base NAME` would find the built-in first
+        raise ConfigError(
+            f"'{name}' is the name of a built-in base",
+            hint=f"choose another name (e.g. my-{name}), or pass --out FOLDER",
+        )
     return out if out is not None else bases_dir(app.home) / name
 
 

@@ -28,7 +28,10 @@ def _metric_line(metrics: dict, task: str) -> str:
 
 
 @click.command("train")
-@click.option("--base", help="Base model: minilm, a base made with `adaptory base`, or a folder.")
+@click.option(
+    "--base",
+    help="Base model: minilm or tinylm (built in), a base made with `adaptory base`, or a folder.",
+)
 @click.option(
     "--data",
     multiple=True,

@@ -86,3 +86,16 @@ def test_the_tinylm_recipe_is_what_the_cli_runs(tmp_path, test_corpus):
     info = read_base_info(out)
     assert (info["steps"], info["exercise_bytes"], info["batch_size"]) == (2, 20_000, 2)
     assert (info["vocab_size"], info["lr"], info["dtype"]) == (260, 2e-3, "float16")
+
+
+@pytest.mark.parametrize("command", ["init", "pretrain"])
+def test_a_built_in_name_is_refused(tmp_path, command):
+    """HOME/bases/tinylm would never be used: `--base tinylm` finds the built-in first."""
+    from click.testing import CliRunner
+
+    from adaptory.cli.main import cli
+
+    home = tmp_path / "home"
+    res = CliRunner().invoke(cli, ["--home", str(home), "base", command, "tinylm"])
+    assert res.exit_code == 2 and "built-in base" in res.output and "my-tinylm" in res.output
+    assert not (home / "bases" / "tinylm").exists()
