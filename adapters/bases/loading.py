@@ -362,6 +362,10 @@ def quiet_transformers() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="bitsandbytes")
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+    # transformers 5 deprecations that PEFT (prefix tuning's past_key_values) and gradient
+    # checkpointing's own checks trigger on every step: nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*`past_key_values` is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*`is_gradient_checkpointing` is deprecated.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
