@@ -79,6 +79,12 @@ def _metric_line(metrics: dict, task: str) -> str:
     "instruction, input, output, conversations).",
 )
 @click.option(
+    "--chat-template",
+    metavar="NAME|FILE",
+    help="Render chat data with this template instead of the base's: chatml, llama-3, zephyr, "
+    "or a Jinja file. Stored with the adapter; serving and eval use it.",
+)
+@click.option(
     "--quant", type=click.Choice(["nf4", "fp4", "int8", "none"]), help="Base quantization. [nf4]"
 )
 @click.option("--rank", type=int, help="LoRA rank.  [8]")

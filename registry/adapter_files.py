@@ -30,6 +30,9 @@ from adaptory.registry.errors import InvalidAdapter
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+# The chat template an adapter was trained with (`train --chat-template`), named as transformers
+# names a tokenizer's; serving and evaluation render that adapter's chats with it.
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 # Limits, generous for real adapters (docs/REGISTRY.md, "What `import` accepts"): a LoRA on every

@@ -203,7 +203,7 @@ async def chat_completions(
 ):
     body = await validation.read(request, protocol.ChatCompletionRequest)
     rt, adapter = _generation_target(models, body.model)
-    rendered = await _render(rt, validation.messages(body.messages))
+    rendered = await _render(rt, validation.messages(body.messages), adapter=adapter)
     ids = await asyncio.to_thread(rt.encode, rendered, chat=True)
     return await generate(
         request, body, rt, adapter, [Prompt(ids, rendered)],
@@ -211,10 +211,16 @@ async def chat_completions(
     )  # fmt: skip
 
 
-async def _render(rt: Runtime, messages: list[dict], *, add_generation_prompt: bool = True):
+async def _render(
+    rt: Runtime,
+    messages: list[dict],
+    *,
+    add_generation_prompt: bool = True,
+    adapter: str | None = None,
+):
     try:
         return await asyncio.to_thread(
-            rt.render_chat, messages, add_generation_prompt=add_generation_prompt
+            rt.render_chat, messages, add_generation_prompt=add_generation_prompt, adapter=adapter
         )
     except AdaptoryError as exc:
         raise api_error(exc) from None
@@ -241,8 +247,12 @@ async def tokenize(request: Request, models: ModelsDep):
     body = await validation.read(request, protocol.TokenizeRequest)
     rt = models.tokenizer_of(body.model)
     if body.messages is not None:
+        adapter = models.route(body.model)[1] if body.model is not None else None
         text = await _render(
-            rt, validation.messages(body.messages), add_generation_prompt=body.add_generation_prompt
+            rt,
+            validation.messages(body.messages),
+            add_generation_prompt=body.add_generation_prompt,
+            adapter=adapter,
         )
         special = bool(body.add_special_tokens)  # a template writes its own special tokens
     else:

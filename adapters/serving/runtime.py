@@ -96,6 +96,7 @@ class Runtime:
         self.created = int(time.time())  # /v1/models' `created` of the base
         self.base_ref = base_ref
         self.registry = registry
+        self._chat_templates: dict[str, str | None] = {}  # adapter digest -> its own template
         self.max_adapters = max_adapters
         self.force = force
         if task is None:
@@ -313,9 +314,27 @@ class Runtime:
 
     # -- text -------------------------------------------------------------------------------
 
-    def chat_prompt(self, messages: list[dict]) -> str:
-        """Render chat messages with the tokenizer's chat template, ready for the reply."""
-        return self.render_chat(messages)
+    def chat_prompt(self, messages: list[dict], adapter: str | None = None) -> str:
+        """Render chat messages with the chat template (`adapter`'s, if it was trained with its
+        own, else the tokenizer's), ready for the reply."""
+        return self.render_chat(messages, adapter=adapter)
+
+    def chat_template_of(self, adapter: str | None) -> str | None:
+        """The chat template adapter `adapter` was trained with (`--chat-template`), or None."""
+        if adapter is None:
+            return None
+        from adaptory.registry.adapter_files import CHAT_TEMPLATE_FILE
+
+        entry = self.registry.resolve(adapter)
+        with self.lock:
+            if entry.digest in self._chat_templates:
+                return self._chat_templates[entry.digest]
+        # Unverified read: loading the adapter verifies every file of it, this one included.
+        path = self.registry.files(entry, verify=False) / CHAT_TEMPLATE_FILE
+        text = path.read_text(encoding="utf-8") if path.is_file() else None
+        with self.lock:
+            self._chat_templates[entry.digest] = text
+        return text
 
     def encode(self, text: str, *, chat: bool = False) -> list[int]:
         """Token ids of a prompt (special tokens added unless it was rendered by a chat template)."""
@@ -326,7 +345,7 @@ class Runtime:
         if request.prompt_ids is not None:
             return list(request.prompt_ids)
         if request.messages is not None:
-            return self.encode(self.chat_prompt(request.messages), chat=True)
+            return self.encode(self.chat_prompt(request.messages, request.adapter), chat=True)
         return self.encode(request.prompt or "")
 
     def decode(self, ids: list[int]) -> str:
@@ -340,13 +359,26 @@ class Runtime:
         with self._tok_lock:
             return self.tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
 
-    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self,
+        messages: list[dict],
+        *,
+        add_generation_prompt: bool = True,
+        adapter: str | None = None,
+    ) -> str:
         """Like chat_prompt, with the reply's opening optional (/tokenize)."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ConfigError(f"base {self.base_ref} has no chat template")
+        template = self.chat_template_of(adapter)
+        if template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError(
+                f"base {self.base_ref} has no chat template",
+                hint="train the adapter with --chat-template NAME|FILE",
+            )
         with self._tok_lock:
             return self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=False
+                messages,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=False,
+                chat_template=template,
             )
 
     # -- generation -------------------------------------------------------------------------

@@ -47,6 +47,56 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system", "tool": "tool"}  # fmt: skip
 ROLES = ("system", "user", "assistant", "tool")
 IGNORE = -100
+
+# Chat templates by name (`--chat-template NAME`), for data in chat layouts on a base whose own
+# template is missing or not the one wanted. Each renders a conversation prefix by prefix (what
+# loss masking needs) and ends a turn with a marker the model learns to emit.
+CHAT_TEMPLATES: dict[str, str] = {
+    "chatml": (
+        "{% for message in messages %}"
+        "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+    "llama-3": (
+        "{{ bos_token }}{% for message in messages %}"
+        "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+        "{{ message['content'] | trim }}<|eot_id|>"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+        "{% endif %}"
+    ),
+    "zephyr": (
+        "{% for message in messages %}"
+        "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    ),
+}
+
+
+def chat_template_text(value: str) -> str:
+    """The Jinja text of `--chat-template VALUE`: a name in CHAT_TEMPLATES or a file."""
+    if value in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[value]
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(
+            f"chat template '{value}' is neither a known name nor a file",
+            hint=f"names: {', '.join(CHAT_TEMPLATES)}; or a path to a Jinja file",
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"chat template file {path} cannot be read: {exc}") from None
+    if "messages" not in text:
+        raise ConfigError(
+            f"{path} does not look like a chat template (it never reads `messages`)",
+            hint="a Jinja template looping over messages, as in a tokenizer's chat_template",
+        )
+    return text
+
+
 # Bumped when tokenization or masking changes, so dataset fingerprints never silently collide.
 PROMPT_FORMAT_VERSION = 1
 

@@ -8,8 +8,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-from adaptory.adapters.training.data import Dataset, batches, collate, load_dataset, parse_columns
+from adaptory.adapters.training.data import (
+    Dataset,
+    batches,
+    collate,
+    load_dataset,
+    parse_columns,
+)
 from adaptory.adapters.training.generation import greedy_ids
+from adaptory.registry.adapter_files import CHAT_TEMPLATE_FILE
 from adaptory.registry.errors import ConfigError
 
 EXACT_MATCH_MAX_NEW_TOKENS = 64
@@ -183,8 +190,12 @@ def load_adapter_model(
     )
     check_fingerprint(entry.base_fingerprint, base.fingerprint, what=entry.ref, force=force)
     keep_4bit_trainable(base.model)  # the same 4-bit kernels as training: comparable metrics
-    model = PeftModel.from_pretrained(base.model, str(registry.files(entry)), is_trainable=False)
+    folder = registry.files(entry)
+    model = PeftModel.from_pretrained(base.model, str(folder), is_trainable=False)
     model.eval()
+    template = folder / CHAT_TEMPLATE_FILE
+    if template.is_file():  # trained with --chat-template: chats render as in training
+        base.tokenizer.chat_template = template.read_text(encoding="utf-8")
     return model, base, entry
 
 

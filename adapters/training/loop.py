@@ -101,6 +101,7 @@ class TrainConfig:
     eval_split: float | None = None  # default 0.1 without eval_data; 0 turns evaluation off
     format: str | None = None
     columns: dict[str, str] | None = None  # format's column -> the file's ("text=sentence,...")
+    chat_template: str | None = None  # a name (chatml, llama-3, zephyr) or a Jinja file
     quant: str = "nf4"
     # method hyperparameters (see adapters/methods)
     rank: int = 8
@@ -164,6 +165,10 @@ class TrainConfig:
         for tag in self.tags:
             validate_tag(tag)
         self.format = normalize_format(self.format)
+        if self.chat_template is not None:
+            from adaptory.adapters.training.data import chat_template_text
+
+            chat_template_text(self.chat_template)  # a known name or a readable template file
         _choice("task", self.task, TASKS, optional=True)
         _choice("quant", self.quant, QUANTS)
         _choice("schedule", self.schedule, SCHEDULES)
@@ -278,7 +283,11 @@ class TrainConfig:
                     if close
                     else "see `adaptory train --help` for the settings",
                 )
-            if name in PATH_FIELDS and isinstance(value, str):
+            if name == "chat_template" and isinstance(value, str):
+                from adaptory.adapters.training.data import CHAT_TEMPLATES
+
+                value = value if value in CHAT_TEMPLATES else str((path.parent / value).resolve())
+            elif name in PATH_FIELDS and isinstance(value, str):
                 value = _relative_to(path, value)
             elif name == "data" and isinstance(value, list):
                 value = [_relative_to(path, str(v)) for v in value]
@@ -590,6 +599,7 @@ def load_training_data(config: TrainConfig, source, task: str):
 
     tokenizer_fp = fingerprint_base(source, config.quant).tokenizer
     tokenizer = load_tokenizer(source.path, task)
+    use_chat_template(tokenizer, config)
 
     def load(path, labels=None):
         return load_dataset(
@@ -643,6 +653,16 @@ def _mixed_data(config: TrainConfig, sources, load):
     train = mix_datasets([(t, w) for (t, _), w in splits], config.seed)
     held = mix_datasets([(e, 1.0) for (_, e), _ in splits], config.seed)
     return train, held
+
+
+def use_chat_template(tokenizer, config: TrainConfig) -> str | None:
+    """Give the tokenizer the run's --chat-template (None: keep the base's); return its text."""
+    if config.chat_template is None:
+        return None
+    from adaptory.adapters.training.data import chat_template_text
+
+    tokenizer.chat_template = chat_template_text(config.chat_template)
+    return tokenizer.chat_template
 
 
 def new_run_dir(config: TrainConfig, home: Path) -> Path:
@@ -957,6 +977,7 @@ def _train(config: TrainConfig, *, registry, show_progress: bool, on_step) -> Tr
     base_eval = None if resuming else eval_ds
     base, model, base_metrics = load_model(config, method, task, train_ds.labels, base_eval, home)
     tokenizer = base.tokenizer
+    template = use_chat_template(tokenizer, config)
     state = RunState(base_metrics=base_metrics)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -1043,6 +1064,10 @@ def _train(config: TrainConfig, *, registry, show_progress: bool, on_step) -> Tr
     adapter_dir = run_dir / "adapter"
     if accelerator.is_main_process:
         save_adapter(peft_model, adapter_dir, base.source.model_name)
+        if template is not None:  # serving and `eval` render chats with it, not the base's
+            from adaptory.registry.adapter_files import CHAT_TEMPLATE_FILE
+
+            (adapter_dir / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
     accelerator.wait_for_everyone()
     wall = time.perf_counter() - started
     entry = None
