@@ -216,6 +216,7 @@ def list_bases(home: Path | None = None) -> list[dict]:
     rows = []
     for builtin in BUILTIN_BASES.values():
         path = builtin.locate()
+        info = read_base_info(path) if path else {}
         rows.append(
             {
                 "name": builtin.name,
@@ -223,6 +224,7 @@ def list_bases(home: Path | None = None) -> list[dict]:
                 "task": builtin.default_task,
                 "path": str(path) if path else None,
                 "description": builtin.description,
+                **{k: info[k] for k in ("arch", "size", "params") if k in info},
             }
         )
     folder = bases_dir(home)

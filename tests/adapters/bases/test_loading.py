@@ -115,7 +115,7 @@ def test_builtin_tinylm_is_shipped_and_loads_in_4bit():
     assert source.kind == "builtin" and source.hub_id is None
     assert source.model_name == str(source.path)  # not on the Hub: configs name the folder
     row = next(r for r in list_bases() if r["name"] == "tinylm")
-    assert (row["kind"], row["task"]) == ("builtin", "causal-lm")
+    assert (row["kind"], row["task"], row["params"]) == ("builtin", "causal-lm", 3_017_984)
     for path in [source.path, *source.path.iterdir()]:
         assert path.stat().st_mode & 0o044 == 0o044, f"{path} is not readable by others"
     base = load_base("tinylm", device="cpu")
