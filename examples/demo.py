@@ -195,7 +195,10 @@ def summary(home: Path) -> tuple[int, int]:
     """The held-out table; returns (adapters that met their bar, adapters judged)."""
     step("6. What each adapter buys over its base, on held-out data")
     entries = json.loads(adaptory(home, "list", "--json", capture=True))
-    table = Table("adapter", "task", "method", "metric", "adapter", "base only", "bar", "verdict")
+    # Narrow enough for an 80-column pipe: no task column (the metric says it), names folded.
+    table = Table(title="held-out scores")
+    for column in ("adapter", "method", "metric", "score", "base", "bar", "verdict"):
+        table.add_column(column, overflow="fold", no_wrap=column not in ("adapter", "verdict"))
     met = judged = 0
     for entry in entries:
         metrics, base = entry.get("metrics") or {}, (entry.get("metrics") or {}).get("base") or {}
@@ -215,9 +218,8 @@ def summary(home: Path) -> tuple[int, int]:
             verdict = "[green]met[/]" if ok else "[red]missed[/]"
         table.add_row(
             entry["name"] + f":{entry['version']}",
-            entry["task"],
             entry["method"],
-            key,
+            key.replace("_", " "),
             "—" if value is None else f"{value:.3f}",
             "—" if base_value is None else f"{base_value:.3f}",
             bar_text,
