@@ -15,7 +15,7 @@ from adaptory.cli.report.page import human_size
 from adaptory.registry import Entry, Registry
 from adaptory.registry.errors import AdaptoryError, BadInput
 
-KEY_METRICS = ("accuracy", "f1", "eval_accuracy", "eval_loss", "perplexity", "loss")
+KEY_METRICS = ("accuracy", "f1", "eval_accuracy", "exact_match", "eval_loss", "perplexity", "loss")
 LIST_JSON_FIELDS = (
     "ref", "name", "version", "digest", "method", "task", "base_model", "tags", "metrics",
     "description", "created_at", "size_bytes",

@@ -35,7 +35,16 @@ if TYPE_CHECKING:
     from jinja2 import Environment
 
 # The metric shown in the table: the first of these an entry has, else its first numeric one.
-KEY_METRICS = ("accuracy", "macro_f1", "f1", "eval_accuracy", "eval_loss", "perplexity", "loss")
+KEY_METRICS = (
+    "accuracy",
+    "macro_f1",
+    "f1",
+    "eval_accuracy",
+    "exact_match",
+    "eval_loss",
+    "perplexity",
+    "loss",
+)
 NOT_SCALAR_METRICS = ("base", "evals", "confusion_matrix")
 MAX_CONFUSION_LABELS = 40
 MAX_DESCRIPTION = 90  # characters in the table; the card shows all of it
