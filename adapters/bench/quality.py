@@ -390,13 +390,19 @@ def _targets(results: dict) -> dict:
 
 
 def _notes(dev: bool, seeds: int) -> list[str]:
-    from adaptory.adapters.training.loop import EXACT_MATCH_ROWS, HEAD_LR_FACTOR, MIN_STEPS
+    from adaptory.adapters.training.loop import (
+        EXACT_MATCH_ROWS,
+        HEAD_LR_FACTOR,
+        MIN_STEPS,
+        VIRTUAL_TOKEN_MIN_STEPS,
+    )
 
     notes = [
         f"{seeds} training seeds per cell (seed = head init, adapter init and batch order); "
         f"rows sampled once per size with seed {SUBSET_SEED}, labels in turn",
-        "LoRA with `adaptory train`'s defaults (data-sized epochs: at least "
-        f"{MIN_STEPS} steps; head lr x{HEAD_LR_FACTOR:g}); the last step's adapter is scored "
+        "`adaptory train`'s defaults (data-sized epochs: at least "
+        f"{MIN_STEPS} steps, {VIRTUAL_TOKEN_MIN_STEPS} for prefix tuning; head lr "
+        f"x{HEAD_LR_FACTOR:g}); the last step's adapter is scored "
         "(keep=last), so nothing is chosen on the scored rows",
         "base-only: the base with no adapter (for classification, with the same seed's newly "
         f"initialised head); exact match on the first {EXACT_MATCH_ROWS} scored rows",
