@@ -364,7 +364,8 @@ def _verdict(outcome) -> tuple:
         return styled(("n/a", "yellow"), f" ({outcome.get('note') or 'not measured'})"), "-"
     margin = abs(outcome.get("margin", 0.0)) * 100
     word = ("met", "green") if outcome["met"] else ("missed", "red")
-    return styled(word, f" by {margin:.0f}% ({op} {threshold:g})"), _fmt_value(value)
+    measured = _fmt_value(value) if outcome.get("ratio", True) else f"{value:.3f}"
+    return styled(word, f" by {margin:.0f}% ({op} {threshold:g})"), measured
 
 
 RESULT_COLUMNS = (  # optional per-variant columns, shown when some variant has them
@@ -502,8 +503,4 @@ def _render_quality(app: App, result: dict) -> None:
             ranked.add_row(c["name"], f"{c['mean']:.3f}", f"{c['worst']:.3f}")
         app.out.print(ranked)
         app.out.print(f"chosen: {result['chosen']}", highlight=False)
-    for name, outcome in result.get("targets", {}).items():
-        verdict, measured = _verdict(outcome)
-        app.out.print(styled(f"{name}: {measured}  "), verdict, highlight=False)
-    for note in result.get("notes", []):
-        app.out.print(styled((note, "dim")), highlight=False)
+    # targets and notes: printed by render() after this, as for every bench

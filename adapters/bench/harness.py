@@ -389,15 +389,21 @@ def _settings_dict(settings: BenchSettings, base_dir: Path, **extra) -> dict:
 # --- targets -------------------------------------------------------------------------------
 
 
-def target(value: float | None, op: str, threshold: float, *, missing: str = "") -> dict:
+def target(
+    value: float | None, op: str, threshold: float, *, missing: str = "", ratio: bool = True
+) -> dict:
     """A target's outcome: the measured value against `op threshold` (">=" or "<="), met or
     missed by `margin` (a fraction of the threshold; negative when missed). A value of None
-    (not measured in this run) is neither met nor missed."""
+    (not measured in this run) is neither met nor missed. `ratio=False` marks a score (an
+    accuracy, an exact match), printed without the × of a ratio."""
     if value is None:
         return {"value": None, "op": op, "threshold": threshold, "met": None, "note": missing}
     met = value >= threshold if op == ">=" else value <= threshold
     margin = (value - threshold) / threshold if op == ">=" else (threshold - value) / threshold
-    return {"value": value, "op": op, "threshold": threshold, "met": bool(met), "margin": margin}
+    outcome = {"value": value, "op": op, "threshold": threshold, "met": bool(met), "margin": margin}
+    if not ratio:
+        outcome["ratio"] = False
+    return outcome
 
 
 def ratio(tps: dict[str, float], numerator: str, denominator: str) -> float | None:

@@ -381,11 +381,12 @@ def _targets(results: dict) -> dict:
     for key, r in results.items():
         if r["task"] == "seq-cls":
             threshold = max(r["base_only"], 1e-9)
-            targets[f"{key}: worst seed accuracy >= base-only"] = target(r["worst"], ">=",
-                                                                          threshold)  # fmt: skip
+            targets[f"{key}: worst seed accuracy >= base-only"] = target(
+                r["worst"], ">=", threshold, ratio=False
+            )
         else:
             bar = EXACT_MATCH_BAR[r["method"]]
-            targets[f"{key}: mean exact match >= {bar}"] = target(r["mean"], ">=", bar)
+            targets[f"{key}: mean exact match >= {bar}"] = target(r["mean"], ">=", bar, ratio=False)
     return targets
 
 
