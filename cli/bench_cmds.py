@@ -276,7 +276,7 @@ def train_cmd(app: App, steps, **options) -> None:
 @pass_app
 def quality_cmd(app: App, dev, seeds, domains, data_dir, gen_base, jobs, **options) -> None:
     """Held-out scores of adapters trained with the default settings (classification on MiniLM
-    from 40 and from all rows, generation with LoRA and prefix on tinylm), mean and worst seed
+    from 40, 100 and all rows, generation with LoRA and prefix on tinylm), mean and worst seed
     against the base alone; --dev compares candidate defaults on dev splits instead."""
     kwargs: dict = {"dev": dev, "seeds": seeds, "data_dir": data_dir, "gen_base": gen_base,
                     "jobs": jobs}  # fmt: skip

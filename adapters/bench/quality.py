@@ -1,10 +1,10 @@
 """`adaptory bench quality`: what adapters trained with the default settings score on held-out
 data, against the base alone, over several seeds and data sizes (issue #14).
 
-Classification domains train LoRA on MiniLM (4-bit) from 40 rows and from all of train.jsonl;
-generation tasks train LoRA and prefix adapters on the built-in `tinylm` (4-bit), a small
-Llama-style base pretrained from scratch on the shipped prose and generated string exercises.
-Every training run stores the last adapter (no
+Classification domains train LoRA on MiniLM (4-bit) from 40 and 100 rows and from all of
+train.jsonl; generation tasks train LoRA and prefix adapters on the built-in `tinylm` (4-bit), a
+small Llama-style base pretrained from scratch on the shipped prose and generated string
+exercises. Every training run stores the last adapter (no
 choice made on the held-out rows) and is scored on eval.jsonl; the mean and the worst seed are
 reported beside the base-only score.
 
@@ -30,7 +30,7 @@ from adaptory.registry.errors import ConfigError
 
 CLASSIFICATION = ("reviews", "support", "news")
 GENERATION = ("shout", "reverse", "dates")
-CLS_SIZES = (40, 400)  # rows sampled from train.jsonl (all of it when it holds fewer)
+CLS_SIZES = (40, 100, 400)  # rows sampled from train.jsonl (all of it when it holds fewer)
 GEN_SIZES = (400,)
 SEEDS = 5
 QUICK_SEEDS = 2
