@@ -218,9 +218,9 @@ def _check_layouts(parents: Sequence, method: str) -> None:
                 )
         a, b = _targets(config), _targets(theirs)
         if isinstance(a, str) != isinstance(b, str):
-            raise ConfigError(
-                f"{first.ref} names its target modules by a pattern and {other.ref} by a list; "
-                "PEFT cannot combine the two",
+            raise ConfigError(  # the pattern's owner first, whichever parent it is
+                f"{(first, other)[isinstance(b, str)].ref} names its target modules by a pattern "
+                f"and {(other, first)[isinstance(b, str)].ref} by a list; PEFT cannot combine them",
                 hint="merge adapters whose target_modules are both lists",
             )
         if method in SEPARATE_AB:

@@ -158,6 +158,11 @@ def test_tasks_must_match_and_classifiers_need_the_same_labels():
         "s:1 classifies into ['pos', 'neg'] but k:1 into ['neg', 'pos']"
     )
     assert check_merge([cls, replace(cls, name="k2")], method="linear").weights == (0.5, 0.5)
+    # the odd one second of two, and labels that sort below the first's: each pair is compared
+    assert refused([A, cls]) == "a:1 is a causal-lm adapter but k:1 is seq-cls"
+    assert refused([swapped, cls]) == (
+        "k:1 classifies into ['neg', 'pos'] but s:1 into ['pos', 'neg']"
+    )
 
 
 # --- layouts -----------------------------------------------------------------------------------
@@ -177,9 +182,10 @@ def test_layer_selection_must_match_for_every_method(key, method):
 def test_a_pattern_and_a_list_of_targets_never_combine():
     pattern = entry("p", peft_config={**LORA, "target_modules": ".*proj"})
     for method in ("linear", "cat"):
-        assert refused([A, pattern], method=method).startswith(
-            "a:1 names its target modules by a pattern and p:1 by a list"
-        )
+        for pair in ([A, pattern], [pattern, A]):  # the message names the pattern's owner
+            assert refused(pair, method=method).startswith(
+                "p:1 names its target modules by a pattern and a:1 by a list"
+            )
     both = [entry(n, peft_config={**LORA, "target_modules": ".*proj"}) for n in "xy"]
     check_merge(both, method="linear")
 
@@ -193,6 +199,9 @@ def test_ranks_and_targets_must_match_only_where_a_and_b_combine_separately(meth
     if method in SEPARATE_AB:
         assert refused([A, B, wider], method=method) == (
             f"{method} needs equal ranks: a:1 has r=4, w:1 has r=8"
+        )
+        assert refused([wider, A], method=method) == (  # the wider one first
+            f"{method} needs equal ranks: w:1 has r=8, a:1 has r=4"
         )
         assert refused([A, other], method=method) == (
             f"{method} combines A and B matrices module by module and needs the same target "
