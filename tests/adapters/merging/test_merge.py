@@ -221,3 +221,35 @@ def test_the_cat_check_does_not_use_the_device_matmul(tiny_llama_dir, tmp_path, 
             err += float(((got - want) ** 2).sum())
             ref += float((want**2).sum())
     assert (err / ref) ** 0.5 > EXACT_TOLERANCE
+
+
+def test_fidelity_is_the_relative_distance_of_an_inexact_merge(tiny_llama_dir, tmp_path):
+    """`linear` is not Σ w_i·ΔW_i (it mixes A and B separately): measure_fidelity equals the
+    relative Frobenius distance computed here from PEFT's own get_delta_weight, for deltas
+    whose squared norm is below 1 (so an absolute distance would differ from the relative one)."""
+    import torch
+    from peft import PeftModel
+    from peft.tuners.lora import layer as lora_layer
+    from serving_helpers import make_lora
+    from transformers import AutoModelForCausalLM
+
+    from adaptory.adapters.merging.merge import measure_fidelity
+
+    folders = [make_lora(tiny_llama_dir, tmp_path / f"p{i}", seed=i) for i in (3, 4)]
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(folders[0]), adapter_name="a")
+    model.load_adapter(str(folders[1]), adapter_name="b")
+    model.add_weighted_adapter(["a", "b"], [0.03, 0.02], "merged", combination_type="linear")
+    err = ref = 0.0
+    for module in model.modules():
+        if isinstance(module, lora_layer.Linear) and "merged" in module.lora_A:
+            with torch.no_grad():
+                got = module.get_delta_weight("merged").double()
+                want = sum(
+                    w * module.get_delta_weight(n).double() for n, w in (("a", 0.03), ("b", 0.02))
+                )
+            err += float(torch.linalg.norm(got - want) ** 2)
+            ref += float(torch.linalg.norm(want) ** 2)
+    assert 0 < ref < 1 and err > 0, (ref, err)  # a real, small, inexact case
+    measured = measure_fidelity(model, ["a", "b"], [0.03, 0.02], "merged")
+    assert measured["weighted_sum_rel_error"] == pytest.approx((err / ref) ** 0.5, rel=1e-4)
