@@ -152,7 +152,8 @@ def init_base(
         "params": count_params(model),
         "vocab_size": len(tokenizer),
         "seed": seed,
-        "corpus": [str(f) for f in files],
+        # the shipped corpus by name (its path is wherever Adaptory is installed)
+        "corpus": ["adaptory:corpus.txt" if Path(f) == DEFAULT_CORPUS else str(f) for f in files],
         "corpus_digest": corpus_digest(texts),
         "pretrained": False,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
