@@ -133,6 +133,8 @@ def test_each_fingerprint_part_must_match_in_every_parent(part):
         f"a:1 and c:1 were trained on different bases: their {part} fingerprints differ "
         f"({FINGERPRINT[part][:12]} vs {'x' * 12})"
     )
+    lower = entry("l", base_fingerprint={**FINGERPRINT, part: "a" * 64})  # sorts below the first
+    assert refused([A, lower], BaseMismatch).startswith("a:1 and l:1 were trained on different")
 
 
 def test_without_fingerprints_the_base_references_must_match():
@@ -279,6 +281,7 @@ def test_majority_sign_is_checked_and_only_for_ties_methods():
 
 def test_svd_rank_is_at_least_one_and_only_for_svd_methods():
     assert check_merge([A, B], method="svd", svd_rank=1).svd_rank == 1
+    assert check_merge([A, B], method="svd", svd_rank=6).svd_rank == 6
     assert type(check_merge([A, B], method="ties_svd", svd_rank=True).svd_rank) is int
     assert refused([A, B], method="svd", svd_rank=0) == "svd rank 0 must be at least 1"
     assert refused([A, B], method="svd", svd_rank=-3) == "svd rank -3 must be at least 1"
