@@ -210,16 +210,7 @@ def test_the_cat_check_does_not_use_the_device_matmul(tiny_llama_dir, tmp_path, 
     rel = measure_fidelity(model, ["a", "b"], [0.7, 0.3], "merged")["weighted_sum_rel_error"]
     assert rel < EXACT_TOLERANCE / 100, rel
     # what the check computed before (PEFT's product, then float64) is over the tolerance
-    err = ref = 0.0
-    for module in model.modules():
-        if isinstance(module, lora_layer.Linear) and "merged" in module.lora_A:
-            with torch.no_grad():
-                got = module.get_delta_weight("merged").double()
-                want = sum(
-                    w * module.get_delta_weight(n).double() for n, w in (("a", 0.7), ("b", 0.3))
-                )
-            err += float(((got - want) ** 2).sum())
-            ref += float((want**2).sum())
+    err, ref = _peft_distance(model, {"a": 0.7, "b": 0.3})
     assert (err / ref) ** 0.5 > EXACT_TOLERANCE
 
 
@@ -229,7 +220,6 @@ def test_fidelity_is_the_relative_distance_of_an_inexact_merge(tiny_llama_dir, t
     whose squared norm is below 1 (so an absolute distance would differ from the relative one)."""
     import torch
     from peft import PeftModel
-    from peft.tuners.lora import layer as lora_layer
     from serving_helpers import make_lora
     from transformers import AutoModelForCausalLM
 
@@ -240,16 +230,24 @@ def test_fidelity_is_the_relative_distance_of_an_inexact_merge(tiny_llama_dir, t
     model = PeftModel.from_pretrained(base, str(folders[0]), adapter_name="a")
     model.load_adapter(str(folders[1]), adapter_name="b")
     model.add_weighted_adapter(["a", "b"], [0.03, 0.02], "merged", combination_type="linear")
+    err, ref = _peft_distance(model, {"a": 0.03, "b": 0.02})
+    assert 0 < ref < 1 and err > 0, (ref, err)  # a real, small, inexact case
+    measured = measure_fidelity(model, ["a", "b"], [0.03, 0.02], "merged")
+    assert measured["weighted_sum_rel_error"] == pytest.approx((err / ref) ** 0.5, rel=1e-4)
+
+
+def _peft_distance(model, weights: dict[str, float]) -> tuple[float, float]:
+    """(‖ΔW_merged − Σ w·ΔW‖², ‖Σ w·ΔW‖²) over every merged LoRA layer, from PEFT's own
+    get_delta_weight in float64: the oracle for measure_fidelity."""
+    import torch
+    from peft.tuners.lora import layer as lora_layer
+
     err = ref = 0.0
     for module in model.modules():
         if isinstance(module, lora_layer.Linear) and "merged" in module.lora_A:
             with torch.no_grad():
                 got = module.get_delta_weight("merged").double()
-                want = sum(
-                    w * module.get_delta_weight(n).double() for n, w in (("a", 0.03), ("b", 0.02))
-                )
-            err += float(torch.linalg.norm(got - want) ** 2)
-            ref += float(torch.linalg.norm(want) ** 2)
-    assert 0 < ref < 1 and err > 0, (ref, err)  # a real, small, inexact case
-    measured = measure_fidelity(model, ["a", "b"], [0.03, 0.02], "merged")
-    assert measured["weighted_sum_rel_error"] == pytest.approx((err / ref) ** 0.5, rel=1e-4)
+                want = sum(w * module.get_delta_weight(n).double() for n, w in weights.items())
+            err += float(((got - want) ** 2).sum())
+            ref += float((want**2).sum())
+    return err, ref
