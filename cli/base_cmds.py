@@ -114,9 +114,9 @@ def base_init(app: App, name, arch, size, corpus, seed, out, force) -> None:
 @pass_app
 def base_pretrain(app: App, name, corpus, recipe, out, force, as_json, **given) -> None:
     """Pretrain a small Llama-style base NAME from scratch on local text (no network)."""
-    from adaptory.adapters.training.pretrain import PRETRAIN_DEFAULTS, RECIPES, pretrain_base
+    from adaptory.adapters.training.pretrain import RECIPES, pretrain_base
 
-    settings = {**PRETRAIN_DEFAULTS, **(RECIPES[recipe] if recipe else {})}
+    settings = dict(RECIPES[recipe]) if recipe else {}  # what is not set: pretrain_base's defaults
     settings.update({key: value for key, value in given.items() if value is not None})
     target = _target(app, name, out)
     _refuse_existing(target, force)

@@ -21,12 +21,11 @@ import random
 import re
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 
 # The example tasks' own format, which must never occur (see the module docstring); their
 # instruction words are also kept out of the exercises' phrases.
-FORBIDDEN = re.compile(r"\b(shout|reverse|answer)\b\s*:", re.IGNORECASE)
-INSTRUCTION_WORDS = {"shout", "reverse", "answer"}
+INSTRUCTION_WORDS = ("shout", "reverse", "answer")
+FORBIDDEN = re.compile(rf"\b({'|'.join(INSTRUCTION_WORDS)})\b\s*:", re.IGNORECASE)
 
 Operation = Callable[[list[str]], str]
 
@@ -158,9 +157,3 @@ def exercise_corpus(prose: str, *, size_bytes: int, seed: int = 0, prose_share: 
         parts.append(part)
         total += len(part) + 2
     return "\n\n".join(parts) + "\n"
-
-
-def write_exercise_corpus(prose_file: Path, out: Path, *, size_bytes: int, seed: int = 0) -> Path:
-    text = exercise_corpus(prose_file.read_text(encoding="utf-8"), size_bytes=size_bytes, seed=seed)
-    out.write_text(text, encoding="utf-8")
-    return out

@@ -245,9 +245,9 @@ def _generation_target(models: Models, model: str) -> tuple[Runtime, str | None]
 )
 async def tokenize(request: Request, models: ModelsDep):
     body = await validation.read(request, protocol.TokenizeRequest)
-    rt = models.tokenizer_of(body.model)
+    rt, adapter = (models.route(body.model) if body.model is not None
+                   else (models.tokenizer_of(None), None))  # fmt: skip
     if body.messages is not None:
-        adapter = models.route(body.model)[1] if body.model is not None else None
         text = await _render(
             rt,
             validation.messages(body.messages),

@@ -13,16 +13,6 @@ from pathlib import Path
 
 from adaptory.registry.errors import ConfigError
 
-# What `adaptory base pretrain` does when neither a recipe nor an option says otherwise.
-PRETRAIN_DEFAULTS: dict = {
-    "size": "small",
-    "steps": 300,
-    "seq_len": 128,
-    "batch_size": 16,
-    "lr": 3e-3,
-    "seed": 0,
-}
-
 # Named recipes: every setting of a base Adaptory ships, so `adaptory base pretrain NAME --recipe
 # R` rebuilds it (bit for bit on the same torch version and CPU). `tinylm` is the built-in
 # generation base: the small shape with a byte-level vocabulary (no BPE merges: a letter is a
@@ -70,8 +60,8 @@ def pretrain_base(
     target: Path,
     *,
     corpus: list[Path] | None = None,
-    size: str = "small",
-    steps: int = 600,
+    size: str = "small",  # these defaults are `adaptory base pretrain`'s
+    steps: int = 300,
     seq_len: int = 128,
     batch_size: int = 16,
     lr: float = 3e-3,
