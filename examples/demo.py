@@ -78,6 +78,8 @@ def bases(home: Path) -> None:
     adaptory(home, "base", "list")
 
 
+# eval.jsonl is the held-out judge of step 6, so `--keep last`: the default (`--keep best`)
+# would choose the stored checkpoint by its loss on those very rows.
 def train_all(home: Path) -> None:
     step("2. Classification: one LoRA adapter per domain on MiniLM (4-bit)")
     for domain in CLASSIFICATION:
@@ -85,14 +87,14 @@ def train_all(home: Path) -> None:
             home, "train", "--base", "minilm", "--name", domain,
             "--data", str(DATA / domain / "train.jsonl"),
             "--eval-data", str(DATA / domain / "eval.jsonl"), "--epochs", "4",
-            "--description", f"{domain} classifier (demo)",
+            "--keep", "last", "--description", f"{domain} classifier (demo)",
         )  # fmt: skip
     step("3. Generation: LoRA and prefix adapters on the from-scratch base")
     for name, dataset, method in GENERATION:
         adaptory(
             home, "train", "--base", GEN_BASE, "--name", name, "--method", method,
             "--data", str(DATA / dataset / "train.jsonl"),
-            "--eval-data", str(DATA / dataset / "eval.jsonl"),
+            "--eval-data", str(DATA / dataset / "eval.jsonl"), "--keep", "last",
             "--description", f"{dataset} ({method}, demo)",
         )  # fmt: skip
 
