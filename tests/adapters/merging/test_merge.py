@@ -124,8 +124,8 @@ def test_lineage_method_and_metrics_next_to_the_parents(registry, tiny_llama_dir
 
 def test_each_parent_is_scored_on_its_own_eval_data(registry, tiny_llama_dir, tmp_path):
     """Parents with different eval files: the merged adapter is scored on each, with no single
-    top-level score; a parent without eval data is left out. Unnamed, the merge is described
-    by its method and parents."""
+    top-level score; a parent without eval data is left out, and the parents after it are
+    still scored. Unnamed, the merge is described by its method and parents."""
     files = {}
     for name, answer in (("a", " THE CAT SAT"), ("b", " the dog ran")):
         files[name] = tmp_path / f"{name}.jsonl"
@@ -133,7 +133,7 @@ def test_each_parent_is_scored_on_its_own_eval_data(registry, tiny_llama_dir, tm
         files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
         register_lora(registry, tiny_llama_dir, name, seed=len(files), eval_file=files[name])
     register_lora(registry, tiny_llama_dir, "c", seed=3)  # no eval data
-    result = merge_adapters(registry, ["a", "b", "c"], name="abc", method="cat")
+    result = merge_adapters(registry, ["a", "c", "b"], name="acb", method="cat")
     metrics = result.entry.metrics
     assert set(metrics["parents"]) == set(metrics["on_parent_data"]) == {"a:1", "b:1"}
     for ref, name in (("a:1", "a"), ("b:1", "b")):
@@ -141,7 +141,7 @@ def test_each_parent_is_scored_on_its_own_eval_data(registry, tiny_llama_dir, tm
         assert metrics["on_parent_data"][ref]["data"] == str(files[name])
     assert metrics["on_parent_data"]["a:1"] != metrics["on_parent_data"]["b:1"]
     assert "eval_loss" not in metrics
-    assert result.entry.description == "cat merge of a:1, b:1, c:1"
+    assert result.entry.description == "cat merge of a:1, c:1, b:1"
 
 
 def test_classifier_merge_averages_the_heads(registry, tiny_bert_dir):
