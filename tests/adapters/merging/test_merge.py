@@ -251,3 +251,23 @@ def _peft_distance(model, weights: dict[str, float]) -> tuple[float, float]:
             err += float(((got - want) ** 2).sum())
             ref += float((want**2).sum())
     return err, ref
+
+
+def test_the_merge_names_the_first_parents_base(registry, tiny_llama_dir, tmp_path):
+    """Parents may name one base (same fingerprint) by different paths: the merged entry and its
+    adapter_config.json name the first parent's, in the order the parents were given."""
+    import shutil
+
+    copy = shutil.copytree(tiny_llama_dir, tmp_path / "same-base-elsewhere")
+    a = register_lora(registry, tiny_llama_dir, "a", seed=1)
+    b = register_lora(registry, copy, "b", seed=2)
+    assert a.base_fingerprint == b.base_fingerprint and a.base_model != b.base_model
+    for first, second in ((a, b), (b, a)):
+        refs = [first.name, second.name]
+        merged = merge_adapters(registry, refs, name="-".join(refs), method="cat", evaluate=False)
+        entry = merged.entry
+        config = json.loads((registry.files(entry) / "adapter_config.json").read_text())
+        named = config["base_model_name_or_path"]
+        assert entry.base_model == first.base_model
+        assert named == first.peft_config["base_model_name_or_path"]
+        assert named != second.peft_config["base_model_name_or_path"]
