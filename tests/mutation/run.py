@@ -232,7 +232,8 @@ def run_modules(args, settings, configured, chosen, work: Path, tree: Path, env:
             elif not (args.resume and session.exists()):
                 print(f"== {path}: baseline", flush=True)
                 cr("cosmic-ray", "baseline", str(cfg), tree=tree, env=env)
-                cr("cosmic-ray", "init", str(cfg), str(session), tree=tree, env=env)
+                # a fresh run starts over: init refuses a session file that holds results
+                cr("cosmic-ray", "init", "--force", str(cfg), str(session), tree=tree, env=env)
                 cr("cr-filter-operators", str(session), str(cfg), tree=tree, env=env)
                 if by_lines:  # without ranges cr-filter-lines would skip every mutant
                     cr("cr-filter-lines", "--config", str(cfg), str(session), tree=tree, env=env)
