@@ -37,7 +37,8 @@ def _echo_json(value: object) -> None:
 @click.option(
     "--weights",
     callback=_weights,
-    help="One weight per adapter, comma separated (default: 1/N each).",
+    help="One weight per adapter, comma separated (default: 1/N each). Negative ones only with "
+    "cat; a classifier's heads are averaged by weight, so its weights must not sum to 0.",
 )
 @click.option(
     "--density",

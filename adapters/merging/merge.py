@@ -264,6 +264,12 @@ def _check_weights(parents: Sequence, method: str, weights) -> tuple[float, ...]
             "negative weights (the sign lands on A only, or is lost in pruning and SVD)",
             hint="use --method cat, which subtracts exactly (checked after the merge)",
         )
+    if parents[0].task == "seq-cls" and math.isclose(math.fsum(weights), 0.0, abs_tol=1e-9):
+        raise ConfigError(
+            f"the weights {', '.join(f'{w:g}' for w in weights)} sum to 0: a classifier merge "
+            "takes the weighted mean of the parents' heads, which is then undefined",
+            hint="give classifier weights with a non-zero sum, e.g. --weights 1,-0.5",
+        )
     return weights
 
 

@@ -244,6 +244,21 @@ def test_negative_weights_only_with_cat():
         )
 
 
+def test_classifier_weights_that_sum_to_zero_are_refused():
+    """A classifier merge takes the weight-averaged head, undefined when the weights sum to 0;
+    a generation adapter has no head, so the same weights merge."""
+    cls = [replace(p, task="seq-cls", extra={"labels": ["neg", "pos"]}) for p in (A, B, C)]
+    assert refused(cls[:2], method="cat", weights=[1, -1]) == (
+        "the weights 1, -1 sum to 0: a classifier merge takes the weighted mean of the "
+        "parents' heads, which is then undefined"
+    )
+    assert refused(cls, method="cat", weights=[0.3, -0.1, -0.2]).startswith(
+        "the weights 0.3, -0.1, -0.2 sum to 0:"
+    )
+    assert check_merge(cls[:2], method="cat", weights=[1, -0.5]).weights == (1.0, -0.5)
+    assert check_merge([A, B], method="cat", weights=[1, -1]).weights == (1.0, -1.0)
+
+
 def test_peft_gets_squared_weights_only_where_factors_combine_separately():
     for method in COMBINATIONS:
         want = [0.25, 4.0] if method in SEPARATE_AB else [0.5, -2.0]
