@@ -19,7 +19,7 @@ from adaptory.registry import Registry
 KEY = "sk-documented-errors"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 LIMITS = {"max_tokens_limit": 32, "max_prompt_tokens": 32, "max_classify_inputs": 4,
-          "max_body_bytes": 4096}  # fmt: skip
+          "max_body_bytes": 4096, "max_choices": 6}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +121,8 @@ def test_400_invalid_json(served, path, raw):
         ("/v1/completions", {**GEN, "max_tokens": 0}, "max_tokens_exceeded"),
         ("/v1/completions", {**GEN, "prompt": "the cat sat " * 20}, "prompt_too_long"),
         ("/v1/classify", {"model": "cls", "input": ["x"] * 5}, "too_many_inputs"),
+        ("/v1/completions", {**GEN, "prompt": ["a", "b", "c"], "n": 3}, "too_many_choices"),
+        ("/v1/completions", {**GEN, "prompt": ["a", "b"], "n": 1, "best_of": 4}, "too_many_choices"),
         ("/v1/classify", {"model": "gen", "input": "x"}, "wrong_task"),
         ("/v1/completions", {"model": "cls", "prompt": "x"}, "wrong_task"),
         ("/v1/adapters/load", {"model": "base:{llama}"}, "invalid_model"),
@@ -130,6 +132,15 @@ def test_400_bad_requests_name_their_code(served, path, body, code):
     client, _, llama, _ = served
     body = json.loads(json.dumps(body).replace("{llama}", llama))
     _error(client.post(path, json=body), 400, "invalid_request_error", code)
+
+
+def test_prompts_times_choices_up_to_the_limit_are_answered(served):
+    """max_choices (6 here) bounds prompts x (best_of or n): 2 x 3 and 3 x 2 are answered."""
+    client = served[0]
+    for prompts, n in ((["a", "b"], 3), (["a", "b", "c"], 2)):
+        r = client.post("/v1/completions", json={**GEN, "prompt": prompts, "n": n})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["choices"]) == len(prompts) * n
 
 
 def test_400_no_head_for_a_bare_classification_base(served):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -282,8 +283,8 @@ def test_endpoint_labels_are_routes_never_client_paths(path, label):
 
 def test_served_requests_record_their_first_token_and_per_token_time(served):
     """Through the app: every completion or chat choice that answers records one first-token
-    observation per request, and one per-output-token observation per choice of 2+ tokens;
-    a refused request records neither."""
+    observation per request, of at most the request's own wall time, and one per-output-token
+    observation per choice of 2+ tokens; a refused request records neither."""
     client, _ = served
     ttft, tpot = (
         "adaptory_time_to_first_token_seconds_count",
@@ -292,7 +293,9 @@ def test_served_requests_record_their_first_token_and_per_token_time(served):
     before = scrape(client)
     body = {"model": "lora-a", "prompt": ["the cat", "a dog"], "max_tokens": 4, "n": 2}
     body.update(temperature=0, ignore_eos=True)
+    started = time.monotonic()
     assert client.post("/v1/completions", json=body).status_code == 200
+    wall = time.monotonic() - started
     chat = {"model": "lora-a", "messages": [{"role": "user", "content": "hi"}]}
     chat.update(max_tokens=1, ignore_eos=True)
     assert client.post("/v1/chat/completions", json=chat).status_code == 200
@@ -306,5 +309,7 @@ def test_served_requests_record_their_first_token_and_per_token_time(served):
         )
 
     assert grew(ttft, "/v1/completions") == 1 and grew(ttft, "/v1/chat/completions") == 1
+    seconds = grew("adaptory_time_to_first_token_seconds_sum", "/v1/completions")
+    assert 0 < seconds <= wall  # the value is a duration of this request, not a clock reading
     assert grew(tpot, "/v1/completions") == 4  # 2 prompts x n=2, 4 tokens each
     assert grew(tpot, "/v1/chat/completions") == 0  # one token: no time between tokens
