@@ -143,6 +143,28 @@ def test_prompts_times_choices_up_to_the_limit_are_answered(served):
         assert len(r.json()["choices"]) == len(prompts) * n
 
 
+def test_a_prompt_of_exactly_max_prompt_tokens_is_answered(served):
+    """max_prompt_tokens (32 here) is the longest prompt taken; one token more is refused."""
+    client = served[0]
+    ok = client.post("/v1/completions", json={**GEN, "prompt": [5] * 32, "max_tokens": 1})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["usage"]["prompt_tokens"] == 32
+    over = client.post("/v1/completions", json={**GEN, "prompt": [5] * 33, "max_tokens": 1})
+    _error(over, 400, "invalid_request_error", "prompt_too_long")
+
+
+def test_a_chat_without_max_tokens_stops_at_the_servers_limit(served):
+    """A chat without max_tokens may run to the end of the context, but never past
+    max_tokens_limit (32 here, the context 256): 32 tokens, whatever the prompt's length."""
+    client = served[0]
+    for content in ("hi", "the cat sat"):
+        chat = {"model": "gen", "messages": [{"role": "user", "content": content}]}
+        r = client.post("/v1/chat/completions", json={**chat, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == LIMITS["max_tokens_limit"]
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
 def test_400_no_head_for_a_bare_classification_base(served):
     client, _, _, bert = served
     response = client.post("/v1/classify", json={"model": f"base:{bert}", "input": "x"})
