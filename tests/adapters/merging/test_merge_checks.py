@@ -162,6 +162,7 @@ def test_tasks_must_match_and_classifiers_need_the_same_labels():
     assert check_merge([cls, replace(cls, name="k2")], method="linear").weights == (0.5, 0.5)
     # the odd one second of two, and labels that sort below the first's: each pair is compared
     assert refused([A, cls]) == "a:1 is a causal-lm adapter but k:1 is seq-cls"
+    assert refused([cls, A]) == "k:1 is a seq-cls adapter but a:1 is causal-lm"
     assert refused([swapped, cls]) == (
         "k:1 classifies into ['neg', 'pos'] but s:1 into ['pos', 'neg']"
     )
