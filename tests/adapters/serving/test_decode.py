@@ -306,9 +306,18 @@ def test_grouped_decode_steps_equal_the_adapters_alone(causal, tiny_llama_dir, m
     """The grouped path (two grouped GEMMs over rows sorted by bank slot; on by default on CUDA
     after a self-check) forced on here, through bucketed replays: rows join and leave, so the
     sort order and offsets are refreshed between steps; every output equals its adapter alone."""
+    from adaptory.adapters.serving import lora_bank
     from adaptory.adapters.serving.lora_bank import grouped_self_check
 
     monkeypatch.setenv("ADAPTORY_GROUPED_LORA", "force")
+    grouped_calls = []  # (x's shape, the stack) of each call: the self-check's are not the bank's
+    real = lora_bank._grouped_delta
+
+    def counted(x, output, stack, *groups):
+        grouped_calls.append((x.shape, stack))
+        return real(x, output, stack, *groups)
+
+    monkeypatch.setattr(lora_bank, "_grouped_delta", counted)
     _, folders, runtime = causal
     assert grouped_self_check(torch.device("cpu"), torch.float32, 4)
     batch = DecodeBatch(runtime, keep_logits=True, slots=8, length=64)
@@ -321,6 +330,9 @@ def test_grouped_decode_steps_equal_the_adapters_alone(causal, tiny_llama_dir, m
     rows += batch.add_many(requests(("pfx", 0, 4), ("lora-a", 2, 6)))
     while batch.active:
         batch.step()
+    stacks = list(runtime._bank._stacks.values())
+    from_bank = [shape for shape, stack in grouped_calls if any(stack is s for s in stacks)]
+    assert from_bank and all(shape[-2] == 1 for shape in from_bank)  # decode steps took it
     assert_alone(tiny_llama_dir, folders, rows)
 
 

@@ -52,7 +52,10 @@ def _inputs(tokenizer):
     return tokenizer(texts, return_tensors="pt", padding=True)
 
 
-def test_bank_matches_peft_mixed_batch(tiny_llama_dir, saved_adapters):
+@pytest.mark.parametrize("dtype", [None, torch.float64], ids=["compute-dtype", "wider-bank"])
+def test_bank_matches_peft_mixed_batch(tiny_llama_dir, saved_adapters, dtype):
+    """Also with the bank's weights in another dtype than the base's outputs (added back in
+    the output's dtype)."""
     rows = ["a", None, "b", "c", "a"]
     ref_base = load_base(str(tiny_llama_dir), task="causal-lm", device="cpu")
     first = "a"
@@ -65,14 +68,19 @@ def test_bank_matches_peft_mixed_batch(tiny_llama_dir, saved_adapters):
     inputs = _inputs(ref_base.tokenizer)
     with torch.no_grad():
         expected = peft_model(**inputs, adapter_names=[r or "__base__" for r in rows]).logits
+        only_b = peft_model(**inputs, adapter_names=["b"] * len(rows)).logits
 
     base = load_base(str(tiny_llama_dir), task="causal-lm", device="cpu")
-    bank = LoraBank(base.model)
+    bank = LoraBank(base.model, dtype=dtype)
     for name in ADAPTERS:
         bank.add(name, *_load(saved_adapters, name))
+    assert next(iter(bank._stacks.values())).a.dtype == (dtype or torch.float32)
     with torch.no_grad(), bank.rows(rows):
         got = base.model(**inputs).logits
+    assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    with torch.no_grad(), bank.rows(["b"] * len(rows)):  # one adapter: its own matmuls
+        torch.testing.assert_close(base.model(**inputs).logits, only_b, rtol=1e-4, atol=1e-4)
     with torch.no_grad():
         plain = base.model(**inputs).logits  # outside rows(): the plain base
     torch.testing.assert_close(plain[1], got[1], rtol=1e-5, atol=1e-5)
@@ -121,3 +129,100 @@ def test_a_slot_freed_by_remove_carries_nothing_into_its_next_adapter(
     with torch.no_grad(), bank.rows(["a"] * len(inputs["input_ids"])):
         got = base.model(**inputs).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def _bank(tiny_llama_dir):
+    base = load_base(str(tiny_llama_dir), task="causal-lm", device="cpu")
+    bank = LoraBank(base.model)
+    return base, bank
+
+
+def _logits(base, bank, rows):
+    inputs = _inputs(base.tokenizer)
+    with torch.no_grad(), bank.rows(rows):
+        return base.model(**inputs).logits
+
+
+def test_reserve_makes_exact_room_and_filling_it_never_reallocates(tiny_llama_dir, saved_adapters):
+    """reserve(n) gives n adapter slots plus the zero slot, once; adding up to n adapters of
+    known modules reallocates nothing (the version a captured graph checks stays), reserving
+    what is there already changes nothing, and a resize keeps every slot's weights."""
+    base, bank = _bank(tiny_llama_dir)
+    bank.reserve(2)
+    assert bank.capacity == 3
+    bank.add("a", *_load(saved_adapters, "a"))  # allocates the q/v stacks at 3 slots
+    version, per_slot = bank.version, bank.nbytes() // 3
+    bank.add("a2", *_load(saved_adapters, "a"))
+    bank.reserve(2)
+    bank.reserve(1)
+    assert (bank.capacity, bank.version, bank.nbytes()) == (3, version, 3 * per_slot)
+    before = _logits(base, bank, ["a", "a2", None, "a", "a2"])
+    bank.reserve(3)  # one more than there is room for
+    assert (bank.capacity, bank.version) == (4, version + 1)
+    bank.reserve(5)
+    assert (bank.capacity, bank.version, bank.nbytes()) == (6, version + 2, 6 * per_slot)
+    torch.testing.assert_close(_logits(base, bank, ["a", "a2", None, "a", "a2"]), before)
+    for name in ("a3", "a4", "a5"):
+        bank.add(name, *_load(saved_adapters, "a"))
+    assert (bank.capacity, bank.version) == (6, version + 2)
+    bank.add("a6", *_load(saved_adapters, "a"))  # past the reserve: the stacks double
+    assert (bank.capacity, bank.nbytes()) == (12, 12 * per_slot)
+
+
+def test_rows_naming_adapters_not_in_the_bank_name_the_first(tiny_llama_dir, saved_adapters):
+    _, bank = _bank(tiny_llama_dir)
+    bank.add("a", *_load(saved_adapters, "a"))
+    with pytest.raises(KeyError, match="adapter 'nope' is not in the bank"):
+        with bank.rows(["a", "nope", None, "zzz"]):
+            pass
+
+
+def test_rows_from_without_a_reuse_key_gathers_each_block_afresh(tiny_llama_dir, saved_adapters):
+    """Two blocks of mixed rows of one length, no `reuse` key: the second must not run on the
+    per-row weights gathered for the first. Each equals `rows` with the same adapters."""
+    base, bank = _bank(tiny_llama_dir)
+    for name in ADAPTERS:
+        bank.add(name, *_load(saved_adapters, name))
+    inputs = _inputs(base.tokenizer)
+    for rows in (["a", "b", "c", None, "a"], ["c", "a", None, "b", "b"]):
+        slots = torch.tensor([bank.slot_of(r) for r in rows])
+        with torch.no_grad(), bank.rows_from(slots):
+            got = base.model(**inputs).logits
+        torch.testing.assert_close(got, _logits(base, bank, rows))
+
+
+def _with_pair(state: dict, module: str, a: torch.Tensor, b: torch.Tensor) -> dict:
+    """`state` with the lora_A / lora_B of the first key that names `module` replaced."""
+    key = next(k for k in state if f"{module}.lora_A" in k)
+    state = dict(state)
+    state[key], state[key.replace("lora_A", "lora_B")] = a, b
+    return state
+
+
+def test_add_refuses_tensors_that_are_not_a_low_rank_pair_of_the_modules_size(
+    tiny_llama_dir, saved_adapters
+):
+    """Checked before anything changes, each with its message: a 3-D lora_A, rank 0, a B·A of
+    another size than the module. Rank 1 is a pair like any other."""
+    _, bank = _bank(tiny_llama_dir)
+    state, config = _load(saved_adapters, "a")
+    key = next(k for k in state if "q_proj.lora_A" in k)
+    a, b = state[key], state[key.replace("lora_A", "lora_B")]
+    out_f, in_f = b.shape[0], a.shape[1]
+    path = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+    pair = "which do not form a low-rank pair"
+    cases = {
+        "3-D A": (a.unsqueeze(-1), b, f"lora_A {tuple(a.shape) + (1,)} and lora_B"),
+        "rank 0": (a[:0], b[:, :0], f"lora_A (0, {in_f}) and lora_B ({out_f}, 0), {pair}"),
+        "short B": (a, b[:-1], f"expects ({out_f} x {in_f}) but the adapter's B·A is "
+                               f"({out_f - 1} x {in_f})"),
+    }  # fmt: skip
+    for what, (bad_a, bad_b, message) in cases.items():
+        with pytest.raises(ConfigError) as info:
+            bank.add("bad", _with_pair(state, "q_proj", bad_a, bad_b), config)
+        assert path in info.value.message and message in info.value.message, what
+        assert not bank.slots
+    with pytest.raises(ConfigError, match="no LoRA scale for"):
+        bank.add("bad", state, {**config, "lora_alpha": [8]})
+    one = _with_pair(state, "q_proj", a[:1], b[:, :1])
+    assert bank.add("rank1", one, config) == 1
