@@ -214,6 +214,7 @@ def test_add_refuses_tensors_that_are_not_a_low_rank_pair_of_the_modules_size(
     cases = {
         "3-D A": (a.unsqueeze(-1), b, f"lora_A {tuple(a.shape) + (1,)} and lora_B"),
         "rank 0": (a[:0], b[:, :0], f"lora_A (0, {in_f}) and lora_B ({out_f}, 0), {pair}"),
+        "ranks differ": (a, b[:, :-1], f"and lora_B ({out_f}, {b.shape[1] - 1}), {pair}"),
         "short B": (a, b[:-1], f"expects ({out_f} x {in_f}) but the adapter's B·A is "
                                f"({out_f - 1} x {in_f})"),
     }  # fmt: skip
@@ -222,7 +223,8 @@ def test_add_refuses_tensors_that_are_not_a_low_rank_pair_of_the_modules_size(
             bank.add("bad", _with_pair(state, "q_proj", bad_a, bad_b), config)
         assert path in info.value.message and message in info.value.message, what
         assert not bank.slots
-    with pytest.raises(ConfigError, match="no LoRA scale for"):
-        bank.add("bad", state, {**config, "lora_alpha": [8]})
+    for alpha in ([8], "eight"):  # a TypeError and a ValueError from the scale's float()
+        with pytest.raises(ConfigError, match="no LoRA scale for"):
+            bank.add("bad", state, {**config, "lora_alpha": alpha})
     one = _with_pair(state, "q_proj", a[:1], b[:, :1])
     assert bank.add("rank1", one, config) == 1
