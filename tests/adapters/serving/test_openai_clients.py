@@ -613,14 +613,19 @@ def test_chat_without_max_tokens_runs_to_the_context(client, setup):
     assert out.usage.completion_tokens == 256 - prompt_tokens
 
 
-def test_a_chat_max_tokens_over_the_context_is_a_clear_400(client):
+def test_a_max_tokens_over_the_context_is_a_clear_400(client):
     """An explicit max_tokens is the client's, not a ceiling: past the base's 256 positions it
-    is refused (as vLLM does), never silently shortened; without it the reply fills the rest."""
+    is refused (as vLLM does), never silently shortened; only a chat without one fills the
+    rest."""
     messages = [{"role": "user", "content": "hello"}]
     for field in ("max_tokens", "max_completion_tokens"):
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(model="lora-a", messages=messages, **{field: 256})
         assert "context of 256 tokens" in str(caught.value)
+    # a completion's max_tokens null is its default (16), also a limit the context must hold
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="lora-a", prompt=[5] * 250, max_tokens=None)
+    assert "max_new_tokens (16) exceeds the base's context of 256 tokens" in str(caught.value)
 
 
 # -- chat history, tools, response_format, unknown fields --------------------------------------
