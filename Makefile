@@ -51,9 +51,11 @@ quality: $(STAMP)
 # Mutation testing (not in CI; hours on 2 cores): cosmic-ray, one module at a time, each mutant
 # running its module's fast tests, on a copy of the tree (pyproject's [tool.adaptory.mutation],
 # docs/TESTING.md). One module: make mutation MODULES=registry/refs.py
+# Mutants run MUTATION_WORKERS at once (one per core by default), each on its own tree copy.
 MODULES ?=
+MUTATION_WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 mutation: $(STAMP)
-	nice -n 19 $(PY) tests/mutation/run.py $(MODULES)
+	nice -n 19 $(PY) tests/mutation/run.py --workers $(MUTATION_WORKERS) $(MODULES)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -10,6 +10,11 @@ through a PYTHONPATH folder whose `adaptory/` links to the copy (the editable in
     python tests/mutation/run.py registry/refs.py         # one module
     python tests/mutation/run.py --resume registry/refs.py   # finish an interrupted session
     python tests/mutation/run.py --retest-survivors registry/refs.py  # after adding tests
+    python tests/mutation/run.py --workers 2 adapters/serving/lora_bank.py  # one per core
+
+With `--workers N` above 1, cosmic-ray's http distributor hands the mutants to N local
+`cosmic-ray http-worker` processes, each on its own copy of the tree (a worker mutates the
+files it runs in).
 
 A module's `quick` tests (a subset of its `tests`) run first; only the mutants they leave alive
 run the whole list. Prints per module killed / survived / score and every surviving mutant's diff; docs/TESTING.md
@@ -25,11 +30,14 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 import tomllib
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -97,9 +105,16 @@ def toml_str(value: str) -> str:
 
 
 def write_config(
-    work: Path, tree: Path, settings: dict, module: dict, *, quick: bool = False
+    work: Path,
+    tree: Path,
+    settings: dict,
+    module: dict,
+    *,
+    quick: bool = False,
+    worker_urls: list[str] = (),
 ) -> tuple[Path, bool]:
-    """cosmic-ray's config for `module`: its `tests`, or with `quick` only its `quick` tests."""
+    """cosmic-ray's config for `module`: its `tests`, or with `quick` only its `quick` tests;
+    run in place (the `local` distributor) or, given `worker_urls`, by those http workers."""
     path = module["path"]
     chosen = module["quick"] if quick else module["tests"]
     tests = " ".join(shlex.quote(t) for t in chosen)
@@ -119,7 +134,10 @@ def write_config(
             f"test-command = {toml_str(command)}",
             "",
             "[cosmic-ray.distributor]",
-            'name = "local"',
+            f'name = "{"http" if worker_urls else "local"}"',
+            "",
+            "[cosmic-ray.distributor.http]",
+            f"worker-urls = [{', '.join(toml_str(u) for u in worker_urls)}]",
             "",
             "[cosmic-ray.filters.operators-filter]",
             f"exclude-operators = [{', '.join(toml_str(e) for e in excluded)}]",
@@ -139,6 +157,68 @@ def write_config(
 def cr(tool: str, *args: str, tree: Path, env: dict, check: bool = True):
     exe = Path(sys.executable).parent / tool
     return subprocess.run([str(exe), *args], cwd=tree, env=env, check=check, text=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def http_workers(run: Path, count: int):
+    """`count` cosmic-ray http workers, each on its own copy of the tree; yields their URLs."""
+    procs, urls = [], []
+    try:
+        for i in range(count):
+            own = run / f"worker{i}"
+            tree = copy_tree(own)
+            (own / "tmp").mkdir()
+            # pytest's own temp root per worker: concurrent runs would prune each other's
+            env = {
+                **os.environ,
+                "PYTHONPATH": str(own / "importroot"),
+                "PYTEST_DEBUG_TEMPROOT": str(own / "tmp"),
+            }
+            env.pop("ADAPTORY_HOME", None)
+            port = free_port()
+            exe = Path(sys.executable).parent / "cosmic-ray"
+            log = open(own / "worker.log", "w")  # noqa: SIM115 - closed with the process
+            procs.append(
+                (
+                    subprocess.Popen(  # fmt: skip
+                        [str(exe), "http-worker", "--port", str(port)],
+                        cwd=tree,
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    ),
+                    log,
+                )
+            )
+            urls.append(f"http://127.0.0.1:{port}")
+        for (proc, _), url in zip(procs, urls, strict=True):
+            port = int(url.rsplit(":", 1)[1])
+            deadline = time.monotonic() + 60
+            while True:
+                if proc.poll() is not None:
+                    sys.exit(f"mutation: the http worker for {url} exited ({proc.returncode})")
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        sys.exit(f"mutation: the http worker for {url} did not start in 60 s")
+                    time.sleep(0.2)
+        yield urls
+    finally:
+        for proc, log in procs:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
 
 
 def results(session: Path, tree: Path, env: dict) -> list[dict]:
@@ -201,7 +281,15 @@ def main() -> None:
         help="run the surviving mutants of the stored sessions again (after new tests)",
     )
     parser.add_argument("--report", action="store_true", help="only print the stored results")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="mutants run at once, each by an http worker on its own copy of the tree",
+    )
     args = parser.parse_args()
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
 
     settings = load_settings()
     configured = {m["path"]: m for m in settings["modules"]}
@@ -218,15 +306,21 @@ def main() -> None:
         tree = copy_tree(Path(run))
         env = {**os.environ, "PYTHONPATH": str(Path(run) / "importroot")}
         env.pop("ADAPTORY_HOME", None)
-        run_modules(args, settings, configured, chosen, work, tree, env)
+        if args.workers > 1 and not args.report:
+            with http_workers(Path(run), args.workers) as urls:
+                run_modules(args, settings, configured, chosen, work, tree, env, urls)
+        else:
+            run_modules(args, settings, configured, chosen, work, tree, env, [])
 
 
-def run_modules(args, settings, configured, chosen, work: Path, tree: Path, env: dict) -> None:
+def run_modules(
+    args, settings, configured, chosen, work: Path, tree: Path, env: dict, urls: list[str]
+) -> None:
     totals = [0, 0]
     for path in chosen:
         session = work / (path.replace("/", "_").removesuffix(".py") + ".sqlite")
         if not args.report:
-            cfg, by_lines = write_config(work, tree, settings, configured[path])
+            cfg, by_lines = write_config(work, tree, settings, configured[path], worker_urls=urls)
             if args.retest_survivors and session.exists():
                 forget_survivors(session)
             elif not (args.resume and session.exists()):
@@ -241,7 +335,9 @@ def run_modules(args, settings, configured, chosen, work: Path, tree: Path, env:
             if module.get("quick") and not args.retest_survivors:
                 # a mutant the quick tests kill is killed by the full list too (it holds them);
                 # only the survivors of this pass need the slow tests
-                quick_cfg, _ = write_config(work, tree, settings, module, quick=True)
+                quick_cfg, _ = write_config(
+                    work, tree, settings, module, quick=True, worker_urls=urls
+                )
                 print(f"== {path}: mutants, quick tests", flush=True)
                 cr("cosmic-ray", "exec", str(quick_cfg), str(session), tree=tree, env=env)
                 forget_survivors(session)
