@@ -11,6 +11,11 @@ def keep_4bit_trainable(model) -> None:
     weight for good to a packed inference layout whose kernel (gemv_4bit) has no autograd: once
     the base has been evaluated, training would then get no gradient through the frozen layers
     (or fail on an in-place bias add). Keeping one layout also makes eval numbers comparable.
+
+    It is also the exact path: that kernel computes in bfloat16 (max |Δlogit| ~1e-2 on a small
+    model), while training dequantizes and multiplies in the compute dtype, so a merge's
+    reference must not take it either. A layer already repacked (the model was run in eval
+    mode before) is unpacked again, so its `weight.data` dequantizes to the weights once more.
     """
     try:
         import bitsandbytes as bnb
@@ -45,17 +50,6 @@ def quantized_weights(model) -> dict[str, dict]:
             "dtype": state.original_dtype if repacked else state.dtype,
         }
     return specs
-
-
-def exact_cpu_path(model) -> None:
-    """Keep bitsandbytes' 4-bit layers on the dequantize-then-matmul path on CPUs with AVX512-BF16.
-
-    Its fast CPU inference kernel computes in bfloat16 (max |Δlogit| ~1e-2 on a small model);
-    training never takes that path, so the reference for a merge must not either.
-    """
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
 
 
 def round_trip_weight(weight, spec: dict):

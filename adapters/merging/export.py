@@ -18,7 +18,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from adaptory.adapters.bases.quantize import exact_cpu_path, quantized_weights, round_trip_base
+from adaptory.adapters.bases.quantize import (
+    keep_4bit_trainable,
+    quantized_weights,
+    round_trip_base,
+)
 from adaptory.registry.errors import ConfigError, StorageError
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -96,7 +100,7 @@ def export_merged(
     # 1. the reference: the adapter on the base it was trained on (4-bit by default)
     adapted, loaded = compare.load_entry_model(registry, entry, quant=quant, device=device)
     specs = quantized_weights(adapted)
-    exact_cpu_path(adapted)
+    keep_4bit_trainable(adapted)  # the exact dequantize path, as in training
     tokenizer = loaded.tokenizer
     prompts = compare.held_out_prompts(entry, tokenizer)
     on_quantized = compare.prompt_logits(adapted, tokenizer, prompts)

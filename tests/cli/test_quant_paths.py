@@ -47,9 +47,15 @@ def oracle_model(base_dir: Path, quant: str):
             bnb_4bit_compute_dtype=torch.float32,
             llm_int8_skip_modules=["lm_head"],
         )
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         str(base_dir), quantization_config=config, device_map={"": "cpu"}, dtype=torch.float32
     ).eval()
+    # On CPUs with AVX512-BF16, bitsandbytes' 4-bit inference kernel computes in bfloat16
+    # (~1e-3 on these logits); training and the merge dequantize and multiply in float32.
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def text_rows_loss(model, tokenizer) -> float:

@@ -12,7 +12,7 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
-from adaptory.adapters.bases.quantize import exact_cpu_path
+from adaptory.adapters.bases.quantize import keep_4bit_trainable
 from adaptory.adapters.bases.shapes import (
     SIZES,
     Size,
@@ -80,6 +80,9 @@ def built(tmp_path_factory):
 
 def test_in_place_base_is_4bit_on_its_device(built):
     model = built.model
+    # an earlier test's inference forward may have repacked the layers for bitsandbytes' CPU
+    # kernel (AVX512-BF16 CPUs); unpacked, they are the layout the base was built with
+    keep_4bit_trainable(model)
     assert built.device == DEVICE and built.quant == "nf4"
     linears = {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1].endswith("_proj")}
     assert len(linears) == 7 * SMALL.layers
@@ -105,7 +108,7 @@ def test_in_place_base_equals_transformers_llama_with_its_weights(built):
     from transformers import LlamaForCausalLM
 
     model = built.model
-    exact_cpu_path(model)
+    keep_4bit_trainable(model)  # fp32 dequantize path, unpacked if an earlier test ran it
     reference = LlamaForCausalLM(llama_config(SMALL, vocab=SMALL.vocab,
                                               tokenizer=built.tokenizer)).float().eval()  # fmt: skip
     fresh = dict(reference.named_parameters())
