@@ -8,6 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
+from torch.overrides import TorchFunctionMode
 
 from adaptory.adapters.bases.loading import load_base
 from adaptory.adapters.serving.lora_bank import LoraBank
@@ -238,3 +239,119 @@ def test_add_refuses_tensors_that_are_not_a_low_rank_pair_of_the_modules_size(
             bank.add("bad", state, {**config, "lora_alpha": alpha})
     one = _with_pair(state, "q_proj", a[:1], b[:, :1])
     assert bank.add("rank1", one, config) == 1
+
+
+def test_add_refuses_pairs_of_the_wrong_dimensions_or_sizes(tiny_llama_dir, saved_adapters):
+    """A 1-D A or B, a 3-D B, A of a lower rank than B, A wider or narrower than the module's
+    input, B taller than its output: each a ConfigError with its message, nothing added."""
+    _, bank = _bank(tiny_llama_dir)
+    state, config = _load(saved_adapters, "a")
+    key = next(k for k in state if "q_proj.lora_A" in k)
+    a, b = state[key], state[key.replace("lora_A", "lora_B")]
+    (r, in_f), out_f = a.shape, b.shape[0]
+    pair = "which do not form a low-rank pair"
+    cases = {
+        "1-D A": (a[:, 0], b, f"lora_A ({r},) and lora_B ({out_f}, {r}), {pair}"),
+        "1-D B": (a, b[:, 0], f"lora_A ({r}, {in_f}) and lora_B ({out_f},), {pair}"),
+        "3-D B": (a, b.unsqueeze(-1), f"and lora_B ({out_f}, {r}, 1), {pair}"),
+        "A of a lower rank": (a[:-1], b, f"lora_A ({r - 1}, {in_f}) and lora_B ({out_f}, {r})"),
+        "wide A": (torch.cat([a, a[:, :1]], 1), b, f"B·A is ({out_f} x {in_f + 1})"),
+        "narrow A": (a[:, :-1], b, f"B·A is ({out_f} x {in_f - 1})"),
+        "tall B": (a, torch.cat([b, b[:1]]), f"B·A is ({out_f + 1} x {in_f})"),
+    }
+    for what, (bad_a, bad_b, message) in cases.items():
+        with pytest.raises(ConfigError) as info:
+            bank.add("bad", _with_pair(state, "q_proj", bad_a, bad_b), config)
+        assert message in info.value.message, what
+        assert not bank.slots and not bank._stacks, what
+
+
+def test_an_empty_bank_runs_base_rows(tiny_llama_dir):
+    """Before any adapter is added (a server answering base-model requests) rows of None are
+    the plain base."""
+    base, bank = _bank(tiny_llama_dir)
+    inputs = _inputs(base.tokenizer)
+    with torch.no_grad():
+        plain = base.model(**inputs).logits
+        with bank.rows([None] * len(inputs["input_ids"])):
+            torch.testing.assert_close(base.model(**inputs).logits, plain)
+
+
+class _BankGathers(TorchFunctionMode):
+    """Counts the per-row gathers (index_select) from the bank's stacked A and B tensors."""
+
+    def __init__(self, bank):
+        super().__init__()
+        self.stacks = [t for s in bank._stacks.values() for t in (s.a, s.b)]
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.index_select and any(args[0] is t for t in self.stacks):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _one_slot_bytes(bank) -> int:
+    """What one row's gathered A and B take: one slot of every stack."""
+    return sum(s.a[0].nbytes + s.b[0].nbytes for s in bank._stacks.values())
+
+
+def test_mixed_rows_gather_once_per_block_within_the_cache_budget(tiny_llama_dir, saved_adapters):
+    """`rows`: one adapter or none for every row gathers nothing (plain matmuls); mixed rows
+    gather each layer's A and B once for the block (a prefill and its decode steps) while the
+    rows' gathered weights fit gather_cache_bytes (exactly fitting included), and on every
+    forward when they do not. The logits are the same either way."""
+    base, bank = _bank(tiny_llama_dir)
+    for name in ADAPTERS:
+        bank.add(name, *_load(saved_adapters, name))
+    inputs = _inputs(base.tokenizer)
+    n = len(inputs["input_ids"])
+    mixed = ["a", "b", None, "c", "a"]
+    layer = 2 * len(bank._stacks)  # A and B of every adapted layer: one forward's gathers
+
+    def gathers(rows) -> tuple[int, torch.Tensor]:
+        with torch.no_grad(), _BankGathers(bank) as spy, bank.rows(rows):
+            first = base.model(**inputs).logits
+            torch.testing.assert_close(base.model(**inputs).logits, first)
+        return spy.count, first
+
+    assert gathers(["b"] * n)[0] == 0
+    assert gathers([None] * n)[0] == 0
+    fits = _one_slot_bytes(bank) * n
+    counts = {}
+    for budget in (fits * 1000, fits, fits - 1):
+        bank.gather_cache_bytes = budget
+        counts[budget], logits = gathers(mixed)
+        torch.testing.assert_close(logits, _logits(base, bank, mixed))
+    assert counts == {fits * 1000: layer, fits: layer, fits - 1: 2 * layer}
+
+
+def test_rows_from_keeps_gathered_weights_across_blocks_with_one_reuse_key(
+    tiny_llama_dir, saved_adapters
+):
+    """`rows_from`: one slot for every row takes the plain-matmul shortcut unless `static`;
+    mixed rows under one `reuse` key gather once across blocks (a decode batch between joins
+    and leaves) within the budget, and again per block over it; a new key gathers afresh, also
+    one that sorts below the last."""
+    base, bank = _bank(tiny_llama_dir)
+    for name in ADAPTERS:
+        bank.add(name, *_load(saved_adapters, name))
+    inputs = _inputs(base.tokenizer)
+    n = len(inputs["input_ids"])
+    layer = 2 * len(bank._stacks)
+
+    def run(rows, **kw) -> tuple[int, torch.Tensor]:
+        slots = torch.tensor([bank.slot_of(r) for r in rows])
+        with torch.no_grad(), _BankGathers(bank) as spy, bank.rows_from(slots, **kw):
+            logits = base.model(**inputs).logits
+        torch.testing.assert_close(logits, _logits(base, bank, rows))
+        return spy.count, logits
+
+    assert run(["c"] * n)[0] == 0
+    assert run(["c"] * n, static=True)[0] == layer  # a graph replays any slots: no shortcut
+    mixed, other = ["a", "b", None, "c", "a"], ["c", "c", "a", None, "b"]
+    fits = _one_slot_bytes(bank) * n
+    for budget, second in ((fits * 1000, 0), (fits, 0), (fits - 1, layer)):
+        bank.gather_cache_bytes = budget
+        assert [run(mixed, reuse=("batch", 2))[0] for _ in range(2)] == [layer, second], budget
+        assert run(other, reuse=("batch", 1))[0] == layer  # another key: gathered afresh
