@@ -138,3 +138,13 @@ def reference_classify(base_dir: Path, folder: Path, labels: list[str], texts: l
     with torch.inference_mode():
         probs = torch.softmax(model(**enc).logits.float(), dim=-1)
     return [labels[int(i)] for i in probs.argmax(-1)], probs.cpu()
+
+
+def fp32_4bit_reference(model):
+    """`model` (bitsandbytes 4-bit, fresh from loading) on the dequantize-then-matmul path that
+    training and merging use. On CPUs with AVX512-BF16, bitsandbytes' 4-bit inference kernel
+    computes in bfloat16 (~1e-3 on the tiny bases' logits). Returns the model."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model

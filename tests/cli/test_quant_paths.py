@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from serving_helpers import fp32_4bit_reference
 
 from adaptory.cli.main import cli
 from adaptory.registry import Registry
@@ -50,12 +51,7 @@ def oracle_model(base_dir: Path, quant: str):
     model = AutoModelForCausalLM.from_pretrained(
         str(base_dir), quantization_config=config, device_map={"": "cpu"}, dtype=torch.float32
     ).eval()
-    # On CPUs with AVX512-BF16, bitsandbytes' 4-bit inference kernel computes in bfloat16
-    # (~1e-3 on these logits); training and the merge dequantize and multiply in float32.
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    return model
+    return fp32_4bit_reference(model)
 
 
 def text_rows_loss(model, tokenizer) -> float:

@@ -73,6 +73,13 @@ def copy_tree(run: Path) -> Path:
     return tree
 
 
+def tree_env(run: Path, **extra: str) -> dict:
+    """The environment that imports `adaptory` from the copy under `run` (see copy_tree)."""
+    env = {**os.environ, "PYTHONPATH": str(run / "importroot"), **extra}
+    env.pop("ADAPTORY_HOME", None)
+    return env
+
+
 def line_ranges(source: str, module: dict) -> list[str]:
     """Line ranges to mutate: whole functions named in `functions`, and `spans` (pairs of
     regular expressions: from the first line matching the first to the next matching the
@@ -168,51 +175,40 @@ def free_port() -> int:
 @contextmanager
 def http_workers(run: Path, count: int):
     """`count` cosmic-ray http workers, each on its own copy of the tree; yields their URLs."""
-    procs, urls = [], []
+    exe = Path(sys.executable).parent / "cosmic-ray"
+    workers = []  # (process, its log, its port)
     try:
         for i in range(count):
             own = run / f"worker{i}"
             tree = copy_tree(own)
             (own / "tmp").mkdir()
             # pytest's own temp root per worker: concurrent runs would prune each other's
-            env = {
-                **os.environ,
-                "PYTHONPATH": str(own / "importroot"),
-                "PYTEST_DEBUG_TEMPROOT": str(own / "tmp"),
-            }
-            env.pop("ADAPTORY_HOME", None)
+            env = tree_env(own, PYTEST_DEBUG_TEMPROOT=str(own / "tmp"))
             port = free_port()
-            exe = Path(sys.executable).parent / "cosmic-ray"
             log = open(own / "worker.log", "w")  # noqa: SIM115 - closed with the process
-            procs.append(
-                (
-                    subprocess.Popen(  # fmt: skip
-                        [str(exe), "http-worker", "--port", str(port)],
-                        cwd=tree,
-                        env=env,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                    ),
-                    log,
-                )
+            proc = subprocess.Popen(
+                [str(exe), "http-worker", "--port", str(port)],
+                cwd=tree,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
-            urls.append(f"http://127.0.0.1:{port}")
-        for (proc, _), url in zip(procs, urls, strict=True):
-            port = int(url.rsplit(":", 1)[1])
+            workers.append((proc, log, port))
+        for proc, _, port in workers:
             deadline = time.monotonic() + 60
             while True:
                 if proc.poll() is not None:
-                    sys.exit(f"mutation: the http worker for {url} exited ({proc.returncode})")
+                    sys.exit(f"mutation: the http worker on port {port} exited ({proc.returncode})")
                 try:
                     socket.create_connection(("127.0.0.1", port), timeout=1).close()
                     break
                 except OSError:
                     if time.monotonic() > deadline:
-                        sys.exit(f"mutation: the http worker for {url} did not start in 60 s")
+                        sys.exit(f"mutation: the http worker on port {port} did not start in 60 s")
                     time.sleep(0.2)
-        yield urls
+        yield [f"http://127.0.0.1:{port}" for _, _, port in workers]
     finally:
-        for proc, log in procs:
+        for proc, log, _ in workers:
             proc.terminate()
             try:
                 proc.wait(timeout=10)
@@ -304,8 +300,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="run-", dir=work) as run:
         tree = copy_tree(Path(run))
-        env = {**os.environ, "PYTHONPATH": str(Path(run) / "importroot")}
-        env.pop("ADAPTORY_HOME", None)
+        env = tree_env(Path(run))
         if args.workers > 1 and not args.report:
             with http_workers(Path(run), args.workers) as urls:
                 run_modules(args, settings, configured, chosen, work, tree, env, urls)

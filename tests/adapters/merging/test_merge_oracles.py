@@ -16,7 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from serving_helpers import make_classifier, make_lora, register
+from serving_helpers import fp32_4bit_reference, make_classifier, make_lora, register
 
 from adaptory.adapters.bases.loading import load_base
 from adaptory.adapters.merging.export import export_merged
@@ -329,12 +329,7 @@ def reference_logits(base_dir, folder: Path, *, task: str, quant: str, texts, la
     from peft import PeftModel
 
     loaded = load_base(str(base_dir), task=task, quant=quant, device="cpu", labels=labels)
-    model = PeftModel.from_pretrained(loaded.model, str(folder)).eval()
-    # bitsandbytes' AVX512-BF16 CPU kernel computes 4-bit layers in bfloat16; training and the
-    # merge see dequantize-then-matmul in float32, so the reference takes that path too.
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    model = fp32_4bit_reference(PeftModel.from_pretrained(loaded.model, str(folder)).eval())
     return model_logits(model, loaded.tokenizer, texts)
 
 
