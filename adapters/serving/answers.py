@@ -11,6 +11,7 @@ from typing import Any
 from adaptory.adapters.serving.decode import GenerationResult, TextDelta
 from adaptory.adapters.serving.logprobs import TokenLogprob
 from adaptory.adapters.serving.protocol import ChatCompletionRequest, CompletionRequest
+from adaptory.adapters.serving.token_text import TextOffsets, token_name
 
 
 @dataclass
@@ -25,10 +26,10 @@ class Answer:
     request: CompletionRequest | ChatCompletionRequest
     prompts: Sequence[Any]  # streaming.Prompt: .ids, .text
     count: int  # jobs per prompt (n, or best_of)
-    tokens: Callable[[list[int]], list[str]]  # token ids -> their text, one by one
+    tokens: Callable[[list[int]], list[bytes]]  # token ids -> their bytes (token_text.py)
     started: set[int] = field(default_factory=set)
     logprobs_sent: dict[int, int] = field(default_factory=dict)
-    offsets: dict[int, int] = field(default_factory=dict)
+    offsets: dict[int, TextOffsets] = field(default_factory=dict)
 
     @property
     def include_usage(self) -> bool:
@@ -88,7 +89,7 @@ class Answer:
                 ids = []
             entries += result.logprobs or []
             ids += [e.token for e in result.logprobs or []]
-            logprobs = self._completion_logprobs(ids, entries, 0)
+            logprobs = self._completion_logprobs(ids, entries, TextOffsets())
         return {
             "index": index,
             "text": text,
@@ -154,9 +155,8 @@ class Answer:
         else:
             logprobs = None
             if self.wants_logprobs:
-                start = self.offsets.get(index, 0)
-                logprobs = self._completion_logprobs(ids, entries, start)
-                self.offsets[index] = start + sum(len(t) for t in logprobs["tokens"])
+                offsets = self.offsets.setdefault(index, TextOffsets())
+                logprobs = self._completion_logprobs(ids, entries, offsets)
             choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         data = self._chunk_head()
         data["choices"] = [choice]
@@ -180,17 +180,17 @@ class Answer:
     # -- logprobs ---------------------------------------------------------------------------
 
     def _completion_logprobs(
-        self, ids: list[int], entries: list[TokenLogprob | None], start: int
+        self, ids: list[int], entries: list[TokenLogprob | None], offsets: TextOffsets
     ) -> dict:
-        """OpenAI's legacy shape; `top_logprobs` maps token text to logprob, the chosen token
-        included (a prompt's first token has none)."""
-        strings = self.tokens(ids)
+        """OpenAI's legacy shape; `top_logprobs` maps token name to logprob, the chosen token
+        included (a prompt's first token has none); `offsets` carries the choice's text position
+        from chunk to chunk."""
+        pieces = self.tokens(ids)
+        strings = [token_name(p) for p in pieces]
         alternatives = sorted({t for e in entries if e for t, _ in e.top})
-        name_of = dict(zip(alternatives, self.tokens(alternatives), strict=True))
-        tops, offsets, at = [], [], start
+        name_of = dict(zip(alternatives, map(token_name, self.tokens(alternatives)), strict=True))
+        tops = []
         for text, entry in zip(strings, entries, strict=True):
-            offsets.append(at)
-            at += len(text)
             if entry is None:
                 tops.append(None)
                 continue
@@ -201,20 +201,19 @@ class Answer:
             "tokens": strings,
             "token_logprobs": [e.logprob if e else None for e in entries],
             "top_logprobs": tops,
-            "text_offset": offsets,
+            "text_offset": offsets.advance(pieces),
         }
 
     def _chat_logprobs(self, entries: list[TokenLogprob]) -> list[dict]:
         ids = [e.token for e in entries] + [t for e in entries for t, _ in e.top]
-        strings = self.tokens(ids)
-        names = dict(zip(ids, strings, strict=True))
+        pieces = dict(zip(ids, self.tokens(ids), strict=True))
         return [
             {
-                "token": names[e.token],
+                "token": token_name(pieces[e.token]),
                 "logprob": e.logprob,
-                "bytes": list(names[e.token].encode("utf-8")),
+                "bytes": list(pieces[e.token]),
                 "top_logprobs": [
-                    {"token": names[t], "logprob": lp, "bytes": list(names[t].encode("utf-8"))}
+                    {"token": token_name(pieces[t]), "logprob": lp, "bytes": list(pieces[t])}
                     for t, lp in e.top
                 ],
             }

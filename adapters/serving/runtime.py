@@ -35,6 +35,7 @@ from adaptory.adapters.serving.decode import (
     GenerationResult,
 )
 from adaptory.adapters.serving.resident import ResidentAdapter
+from adaptory.adapters.serving.token_text import token_bytes, token_name
 from adaptory.registry.errors import AdaptoryError, BadInput, ConfigError, InvalidAdapter
 
 __all__ = ["BASE", "AdapterInUse", "GenerationRequest", "GenerationResult", "Runtime"]
@@ -352,12 +353,15 @@ class Runtime:
         with self._tok_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def token_strings(self, ids: list[int]) -> list[str]:
-        """Each token's own text (special tokens as written), for logprobs and /tokenize."""
-        if not ids:
-            return []
+    def token_bytes(self, ids: list[int]) -> list[bytes]:
+        """Each token's own bytes (special tokens as written), for logprobs (token_text.py)."""
         with self._tok_lock:
-            return self.tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
+            return token_bytes(self.tokenizer, ids)
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """Each token's name as logprobs give it, for /tokenize: its text, or `bytes:\\xNN` for
+        part of a character."""
+        return [token_name(piece) for piece in self.token_bytes(ids)]
 
     def render_chat(
         self,

@@ -162,7 +162,7 @@ async def generate(
         request=body,
         prompts=prompts,
         count=count,
-        tokens=rt.token_strings,
+        tokens=rt.token_bytes,
     )
     endpoint = "/v1/chat/completions" if chat else "/v1/completions"
     handed_over = False

@@ -92,6 +92,19 @@ def reference_logprobs(base_dir, folder, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
+def _from_name(name: str) -> bytes:
+    """The bytes a logprobs token name stands for: `bytes:\\xNN...` (a token holding part of a
+    character) or the token's text."""
+    if name.startswith("bytes:"):
+        return bytes(int(h, 16) for h in name.removeprefix("bytes:").split("\\x")[1:])
+    return name.encode("utf-8")
+
+
+def shown(name: str) -> str:
+    """A token name as the tokenizer decodes that token alone (U+FFFD for part of a character)."""
+    return _from_name(name).decode("utf-8", errors="replace")
+
+
 def solo(client, **kwargs):
     """One completion of one prompt with one choice."""
     return client.completions.create(**kwargs).choices[0]
@@ -193,7 +206,7 @@ def test_echo_scoring_equals_the_adapter_alone(client, setup, tiny_llama_dir, na
         assert top[lp.tokens[position]] == got
         assert abs(max(top.values()) - float(expected.max())) <= ATOL
         best_two = torch.topk(expected, 2).indices.tolist()
-        assert {tokenizer.decode([i]) for i in best_two} <= set(top)
+        assert {tokenizer.decode([i]) for i in best_two} <= {shown(name) for name in top}
 
 
 @pytest.mark.parametrize("name", ["pfx", "lora-a"])
@@ -277,20 +290,67 @@ def test_chat_logprobs_through_the_typed_response(client, setup, tiny_llama_dir)
     choice = out.choices[0]
     content = choice.logprobs.content
     assert choice.message.content == tokenizer.decode(expected)
-    assert "".join(c.token for c in content) == choice.message.content
+    replaced = b"".join(bytes(c.bytes) for c in content).decode("utf-8", errors="replace")
+    assert replaced == choice.message.content
     assert out.usage.prompt_tokens == len(ids)
     for step, entry in enumerate(content[: len(expected)]):
         row = torch.log_softmax(steps[step].float().cpu(), dim=-1)
-        assert entry.token == tokenizer.decode([expected[step]])
-        assert entry.bytes == list(entry.token.encode("utf-8"))
+        assert shown(entry.token) == tokenizer.decode([expected[step]])
+        assert bytes(entry.bytes) == _from_name(entry.token)
         assert abs(entry.logprob - float(row[expected[step]])) <= ATOL
         assert len(entry.top_logprobs) == 2
         best = torch.topk(row, 2)
-        assert [t.token for t in entry.top_logprobs] == [
+        assert [shown(t.token) for t in entry.top_logprobs] == [
             tokenizer.decode([i]) for i in best.indices.tolist()
         ]
         for alt, value in zip(entry.top_logprobs, best.values.tolist(), strict=True):
             assert abs(alt.logprob - value) <= ATOL
+
+
+SPLIT = "a café in 日本"  # "é", "日" and "本" are split across byte-level tokens
+
+
+def test_tokens_that_split_a_character_are_named_by_their_bytes(client, http, setup):
+    """echo + logprobs=5 on a prompt with non-ASCII characters, which this byte-level tokenizer
+    splits into tokens that decode alone to U+FFFD: the names give back the prompt byte for byte,
+    no two alternatives share a key (each dict holds the top 5 and the chosen token), the chosen
+    token's entry is its own logprob, offsets are the characters' starts the tokenizer reports,
+    and /tokenize names the tokens the same way."""
+    tokenizer = setup[3]
+    encoded = tokenizer(SPLIT, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)
+    out = client.completions.create(model="lora-a", prompt=SPLIT, echo=True, logprobs=5,
+                                    max_tokens=0)  # fmt: skip
+    lp = out.choices[0].logprobs
+    assert b"".join(_from_name(t) for t in lp.tokens) == SPLIT.encode("utf-8")
+    assert any(t.startswith("bytes:\\x") for t in lp.tokens)
+    assert lp.text_offset == [start for start, _ in encoded["offset_mapping"]]
+    for position in range(1, len(ids)):
+        top = lp.top_logprobs[position]
+        assert top[lp.tokens[position]] == lp.token_logprobs[position]
+        # five names for five ids, and the chosen token's if it is not among them
+        assert len(top) in (5, 6)
+    tokenized = http.post(
+        "/tokenize", json={"model": "lora-a", "prompt": SPLIT, "return_token_strs": True}
+    )
+    assert tokenized.json()["token_strs"] == lp.tokens
+
+
+def test_chat_logprobs_bytes_are_the_tokens_own(client, setup):
+    """A reply forced (logit_bias) to a token holding one byte of a character: its name is
+    `bytes:\\xc3` and its `bytes` are [0xc3], not U+FFFD's three."""
+    tokenizer = setup[3]
+    lead = tokenizer.convert_tokens_to_ids("Ã")  # byte-level BPE's character for byte 0xC3
+    out = client.chat.completions.create(
+        model="lora-a", messages=[{"role": "user", "content": "hello"}], max_tokens=1,
+        temperature=0, logprobs=True, top_logprobs=3, logit_bias={str(lead): 100},
+    )  # fmt: skip
+    (entry,) = out.choices[0].logprobs.content
+    assert entry.token == "bytes:\\xc3" and entry.bytes == [0xC3]
+    assert len({t.token for t in entry.top_logprobs}) == 3
+    for alt in entry.top_logprobs:
+        assert _from_name(alt.token) == bytes(alt.bytes)
 
 
 # -- streams ------------------------------------------------------------------------------------
@@ -380,7 +440,8 @@ def test_streamed_chat_logprobs_add_up_to_the_whole_answer(client):
                 got[c.index] += c.logprobs.content
     for i, choice in enumerate(whole.choices):
         assert [e.model_dump() for e in got[i]] == [e.model_dump() for e in choice.logprobs.content]
-        assert "".join(e.token for e in got[i]) == choice.message.content
+        spelled = b"".join(_from_name(e.token) for e in got[i])
+        assert spelled.decode("utf-8", errors="replace") == choice.message.content
 
 
 def test_stream_without_include_usage_has_no_usage_chunk(client):
@@ -781,7 +842,8 @@ def test_langchain_chat_invoke_stream_and_batch(client, live):
     )  # fmt: skip
     answer = with_logprobs.invoke(questions[0])
     content = answer.response_metadata["logprobs"]["content"]
-    assert "".join(c["token"] for c in content) == answer.content
+    spelled = b"".join(bytes(c["bytes"]) for c in content)
+    assert spelled.decode("utf-8", errors="replace") == answer.content
     assert all(len(c["top_logprobs"]) == 2 for c in content)
 
 
