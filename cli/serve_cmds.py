@@ -9,12 +9,49 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
 
 from adaptory.cli.main import App, pass_app, styled
 
 BASE_PREFIX = "base:"
+
+
+def resolve_api_key(api_key: str | None, key_file: Path | None, *, warn=None) -> str | None:
+    """The server's key from --api-key / ADAPTORY_API_KEY or from --api-key-file's first line
+    (its line ending dropped), or None for no authentication. An empty or blank key, or one
+    with surrounding spaces, is refused rather than read as "no key"; so is a file that cannot
+    be read, and both ways at once. `warn` is told when others may read the file."""
+    from adaptory.registry.errors import ConfigError
+
+    if api_key is None and "ADAPTORY_API_KEY" in os.environ:  # Click reads "" as unset
+        api_key = os.environ["ADAPTORY_API_KEY"]
+    source = "the API key (--api-key or ADAPTORY_API_KEY)"
+    if key_file is not None:
+        if api_key is not None:
+            raise ConfigError(
+                "both an API key (--api-key or ADAPTORY_API_KEY) and --api-key-file are given",
+                hint="give the key one way",
+            )
+        try:
+            with open(key_file, encoding="utf-8") as f:
+                api_key = f.readline().removesuffix("\n").removesuffix("\r")
+            mode = os.stat(key_file).st_mode
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(f"--api-key-file {key_file}: cannot read it ({reason})") from None
+        source = f"the API key in {key_file} (its first line)"
+        if mode & 0o077 and warn is not None:
+            warn(f"warning: {key_file} is readable by other users (mode {mode & 0o777:04o}); "
+                 f"chmod 600 it", highlight=False)  # fmt: skip
+    if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
+        raise ConfigError(
+            f"{source} is empty or has surrounding spaces",
+            hint="set a real key, or drop --api-key, --api-key-file and ADAPTORY_API_KEY to "
+            "serve without authentication",
+        )
+    return api_key
 
 
 def _log_to_stderr(level: str) -> None:
@@ -202,6 +239,10 @@ def chat_cmd(
               help="Resident adapters per base (LRU).")  # fmt: skip
 @click.option("--api-key", envvar="ADAPTORY_API_KEY", show_envvar=True, default=None,
               help="Require 'Authorization: Bearer KEY' on every endpoint but /health.")  # fmt: skip
+@click.option("--api-key-file", envvar="ADAPTORY_API_KEY_FILE", show_envvar=True, default=None,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Read the key from this file's first line instead (it stays out of the "
+                   "process's command line and environment).")  # fmt: skip
 @click.option("--no-admin", is_flag=True, help="Disable /v1/adapters/load and /unload.")
 @click.option("--max-batch", type=BatchLimit(), default="auto", show_default=True,
               help="Most rows decoding together per base; auto: as many as half the free GPU "
@@ -226,9 +267,9 @@ def chat_cmd(
               default="info", show_default=True)  # fmt: skip
 @_common
 @pass_app
-def serve_cmd(app: App, host, port, bases, preload, max_adapters, api_key, no_admin, max_batch,
-              numerics, decode_mode, batch_window_ms, max_tokens_limit, max_prompt_tokens,
-              max_body_bytes, log_level, quant, device, force) -> None:  # fmt: skip
+def serve_cmd(app: App, host, port, bases, preload, max_adapters, api_key, api_key_file, no_admin,
+              max_batch, numerics, decode_mode, batch_window_ms, max_tokens_limit,
+              max_prompt_tokens, max_body_bytes, log_level, quant, device, force) -> None:  # fmt: skip
     """Serve adapters over an OpenAI-compatible HTTP API (completions, chat, classify).
 
     \b
@@ -244,16 +285,8 @@ def serve_cmd(app: App, host, port, bases, preload, max_adapters, api_key, no_ad
         create_app,
         uvicorn_options,
     )
-    from adaptory.registry.errors import ConfigError
 
-    if api_key is None and "ADAPTORY_API_KEY" in os.environ:  # Click reads "" as unset
-        api_key = os.environ["ADAPTORY_API_KEY"]
-    if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
-        raise ConfigError(
-            "the API key (--api-key or ADAPTORY_API_KEY) is empty or has surrounding spaces",
-            hint="set a real key, or unset ADAPTORY_API_KEY and drop --api-key to serve "
-            "without authentication",
-        )
+    api_key = resolve_api_key(api_key, api_key_file, warn=app.err.print)
     runtimes = build_runtimes(app.registry, bases=list(bases), preload=list(preload),
                               max_adapters=max_adapters, quant=quant, device=device, force=force,
                               numerics=numerics, decode=decode_mode)  # fmt: skip
@@ -269,7 +302,8 @@ def serve_cmd(app: App, host, port, bases, preload, max_adapters, api_key, no_ad
                       highlight=False)  # fmt: skip
     auth = "on" if settings.api_key else "off"
     app.err.print(f"serving on http://{host}:{port} (auth {auth})", highlight=False)
-    os.environ.pop("ADAPTORY_API_KEY", None)  # not inherited by anything this process starts
+    for name in ("ADAPTORY_API_KEY", "ADAPTORY_API_KEY_FILE"):
+        os.environ.pop(name, None)  # not inherited by anything this process starts
     _log_to_stderr(log_level)
     config = uvicorn.Config(
         web, host=host, port=port, log_level=log_level, access_log=log_level == "debug",

@@ -20,6 +20,7 @@ from serving_helpers import make_lora, register
 
 from adaptory.adapters.serving.server import ServerSettings, build_runtimes, create_app
 from adaptory.cli.main import cli
+from adaptory.cli.serve_cmds import resolve_api_key
 from adaptory.registry import Registry
 
 KEY = "sk-access-9b2e51d7c0"
@@ -126,17 +127,27 @@ def _listening_addresses(pid: int, port: int) -> set[str]:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/<pid>/net/tcp")
-def test_adaptory_serve_binds_loopback_and_never_logs_the_key(setup, tmp_path):
-    """A real `adaptory serve` with the key from ADAPTORY_API_KEY, debug logging (access log on):
-    after good, bad and failing requests, the key appears in no output."""
+@pytest.mark.parametrize("given", ["env", "file"])
+def test_adaptory_serve_binds_loopback_and_never_logs_the_key(setup, tmp_path, given):
+    """A real `adaptory serve` with the key from ADAPTORY_API_KEY or from --api-key-file, debug
+    logging (access log on): after good, bad and failing requests, the key appears in no
+    output; read from a file, it is in neither the process's command line nor its environment."""
     reg, _, _ = setup
     port = _free_port()
-    env = {**os.environ, "ADAPTORY_API_KEY": KEY, "HF_HUB_OFFLINE": "1"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTORY_API_KEY")}
+    env["HF_HUB_OFFLINE"] = "1"
     log = tmp_path / "serve.log"
     cmd = [
         sys.executable, "-m", "adaptory.cli.main", "--home", str(reg.home), "serve",
         "--preload", "lora-a", "--port", str(port), "--log-level", "debug", "--no-admin",
     ]  # fmt: skip
+    if given == "env":
+        env["ADAPTORY_API_KEY"] = KEY
+    else:
+        key_file = tmp_path / "key"
+        key_file.write_text(KEY + "\n")  # as `echo KEY > file` writes it
+        key_file.chmod(0o600)
+        cmd += ["--api-key-file", str(key_file)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -151,6 +162,9 @@ def test_adaptory_serve_binds_loopback_and_never_logs_the_key(setup, tmp_path):
             except httpx.HTTPError:
                 time.sleep(0.3)
         assert _listening_addresses(proc.pid, port) == {"0100007F"}  # 127.0.0.1 only
+        if given == "file":
+            for part in ("cmdline", "environ"):
+                assert KEY.encode() not in Path(f"/proc/{proc.pid}/{part}").read_bytes(), part
         good = {"Authorization": f"Bearer {KEY}"}
         with httpx.Client(base_url=url, timeout=60) as client:
             assert client.get("/v1/models").status_code == 401
@@ -177,5 +191,74 @@ def test_adaptory_serve_binds_loopback_and_never_logs_the_key(setup, tmp_path):
     text = log.read_text(errors="replace")
     assert "serving on http://127.0.0.1:" in text
     assert "auth on" in text
+    assert "readable by other users" not in text
     assert "GET /v1/models" in text  # the access log was on: requests were logged
     assert KEY not in text and KEY[:12] not in text
+
+
+# -- where the key comes from ----------------------------------------------------------------
+
+
+def _key_from(tmp_path, content: bytes, mode: int = 0o600, **kwargs):
+    key_file = tmp_path / "key"
+    key_file.write_bytes(content)
+    key_file.chmod(mode)
+    warnings: list[str] = []
+    key = resolve_api_key(None, key_file, warn=lambda text, **_: warnings.append(text), **kwargs)
+    return key, warnings
+
+
+@pytest.mark.parametrize(
+    "content", [KEY.encode(), f"{KEY}\n".encode(), f"{KEY}\r\nmore\n".encode()]
+)
+def test_the_key_file_gives_its_first_line(tmp_path, monkeypatch, content):
+    monkeypatch.delenv("ADAPTORY_API_KEY", raising=False)
+    assert _key_from(tmp_path, content) == (KEY, [])
+
+
+def test_a_key_file_others_can_read_is_warned_about(tmp_path, monkeypatch):
+    monkeypatch.delenv("ADAPTORY_API_KEY", raising=False)
+    key, warnings = _key_from(tmp_path, KEY.encode(), mode=0o644)
+    assert key == KEY
+    assert len(warnings) == 1 and "readable by other users (mode 0644)" in warnings[0]
+    assert KEY not in warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "is empty or has surrounding spaces"),
+        (b"\n" + KEY.encode(), "is empty or has surrounding spaces"),  # the key is line 1
+        (b"   \n", "is empty or has surrounding spaces"),
+        (f" {KEY}\n".encode(), "is empty or has surrounding spaces"),
+        (b"\xff\xfe key", "cannot read it"),
+    ],
+)
+def test_a_bad_key_file_refuses_to_start(tmp_path, monkeypatch, content, message):
+    """`adaptory serve` exits 2 naming the file before it loads anything."""
+    monkeypatch.delenv("ADAPTORY_API_KEY", raising=False)
+    key_file = tmp_path / "key"
+    key_file.write_bytes(content)
+    result = CliRunner().invoke(cli, ["serve", "--api-key-file", str(key_file)])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert message in text and str(key_file) in text
+
+
+def test_a_missing_key_file_and_two_keys_are_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("ADAPTORY_API_KEY", raising=False)
+    missing = tmp_path / "nope"
+    result = CliRunner().invoke(cli, ["serve", "--api-key-file", str(missing)])
+    assert result.exit_code == 2
+    assert f"--api-key-file {missing}: cannot read it (No such file or directory)" in " ".join(
+        result.output.split()
+    )
+    (tmp_path / "key").write_text(KEY)
+    both = CliRunner().invoke(
+        cli, ["serve", "--api-key", KEY, "--api-key-file", str(tmp_path / "key")]
+    )
+    assert both.exit_code == 2 and "both an API key" in both.output
+    monkeypatch.setenv("ADAPTORY_API_KEY", KEY)
+    from_env = CliRunner().invoke(cli, ["serve", "--api-key-file", str(tmp_path / "key")])
+    assert from_env.exit_code == 2 and "both an API key" in from_env.output
+    assert KEY not in both.output + from_env.output
