@@ -116,7 +116,8 @@ _REFERENCES: dict = {}
 
 
 def _reference_model(base_dir: str, folder: str | None):
-    """One single-adapter PEFT model per (base, adapter folder), kept for the session."""
+    """One single-adapter PEFT model per (base, adapter folder), kept for the session, on the
+    fp32 dequantize path (`fp32_4bit_reference`), as `--numerics fp32` serves."""
     from peft import PeftModel
 
     key = (base_dir, folder)
@@ -124,7 +125,7 @@ def _reference_model(base_dir: str, folder: str | None):
         model = load_base(base_dir, task="causal-lm", dtype="float32").model
         if folder is not None:
             model = PeftModel.from_pretrained(model, folder)
-        _REFERENCES[key] = model.eval()
+        _REFERENCES[key] = fp32_4bit_reference(model.eval())
     return _REFERENCES[key]
 
 
@@ -133,7 +134,7 @@ def reference_classify(base_dir: Path, folder: Path, labels: list[str], texts: l
     from peft import PeftModel
 
     base = load_base(str(base_dir), task="seq-cls", labels=labels, dtype="float32")
-    model = PeftModel.from_pretrained(base.model, str(folder)).eval()
+    model = fp32_4bit_reference(PeftModel.from_pretrained(base.model, str(folder)).eval())
     enc = base.tokenizer(texts, padding=True, return_tensors="pt").to(model.device)
     with torch.inference_mode():
         probs = torch.softmax(model(**enc).logits.float(), dim=-1)

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 
 from adaptory.adapters.bases.loading import BUILTIN_BASES, LoadedBase, load_base
 from adaptory.adapters.bases.numerics import resolve_numerics
+from adaptory.adapters.bases.quantize import keep_4bit_trainable
 from adaptory.adapters.serving.decode import (
     BASE,
     DECODE_MODES,
@@ -117,6 +118,10 @@ class Runtime:
             dtype=self.numerics.dtype_name,
         )
         self.numerics.apply()
+        if self.numerics.name == "fp32":
+            # bitsandbytes' CPU inference kernel (AVX512-BF16 CPUs) computes 4-bit layers in
+            # bfloat16; fp32 keeps the dequantize-then-matmul path training and eval use.
+            keep_4bit_trainable(self.base.model)
         self.task = self.base.task
         self.model = self.base.model
         self.tokenizer = self.base.tokenizer

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from lm_eval.models.utils import postprocess_generated_text
 from lm_eval.tasks import TaskManager
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
-from serving_helpers import register
+from serving_helpers import fp32_4bit_reference, register
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adaptory.adapters.bench import lmeval
@@ -289,7 +289,8 @@ def test_eval_command_turns_a_refused_request_into_one_clear_error(registry):
 @pytest.mark.slow
 def test_nf4_lora_scores_equal_the_hf_backend_on_the_same_nf4_base(registry, tasks, tiny_llama_dir):
     """The default 4-bit serving: lm-eval's HF backend given the same NF4 base (Adaptory's
-    loader, bitsandbytes), the adapter put on it by PeftModel.from_pretrained."""
+    loader, bitsandbytes), the adapter put on it by PeftModel.from_pretrained, on the fp32
+    dequantize path that `--numerics fp32` serves with."""
     from lm_eval.models.huggingface import HFLM
 
     from adaptory.adapters.bases.loading import load_base
@@ -299,7 +300,7 @@ def test_nf4_lora_scores_equal_the_hf_backend_on_the_same_nf4_base(registry, tas
         got = run(tasks, [GEN, CHOICE], "local-completions", args)
     base = load_base(str(tiny_llama_dir), task="causal-lm", quant="nf4", dtype="float32")
     folder = registry.files(registry.resolve("lora"), verify=True)
-    model = PeftModel.from_pretrained(base.model, str(folder)).eval()
+    model = fp32_4bit_reference(PeftModel.from_pretrained(base.model, str(folder)).eval())
     hf = HFLM(pretrained=model, tokenizer=base.tokenizer, batch_size=BATCH)
     want = run(tasks, [GEN, CHOICE], hf, None)
     assert_same_generations(got[GEN], [s["filtered_resps"][0] for s in want[GEN]])

@@ -77,6 +77,28 @@ def test_mixed_batch_equals_each_adapter_alone(causal, tiny_llama_dir):
     assert not torch.allclose(first[None, PROMPTS[2]], first["pfx-a", PROMPTS[2]], atol=1e-3)
 
 
+def test_fp32_serving_keeps_the_dequantize_path(causal):
+    """On a CPU with AVX512-BF16 bitsandbytes repacks a 4-bit layer on its first inference
+    forward and computes it in bfloat16 from then on; `--numerics fp32` must not let it, so
+    that served logits are those of training and `adaptory eval`. After serving, no 4-bit
+    layer is repacked (on other CPUs this holds either way)."""
+    import bitsandbytes as bnb
+
+    _reg, _folders, runtime = causal
+    assert runtime.numerics.name == "fp32"
+    batch = DecodeBatch(runtime)
+    batch.add_many(
+        [(GenerationRequest(prompt=PROMPTS[0], adapter="lora-a", max_new_tokens=2), None)]
+    )
+    while batch.active:
+        batch.step()
+    layers = [m for m in runtime.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers
+    for layer in layers:
+        assert layer.support_avx512bf16_for_cpu is False
+        assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+
+
 def test_rows_join_and_leave_between_steps(causal, tiny_llama_dir):
     reg, folders, runtime = causal
     batch = DecodeBatch(runtime, keep_logits=True)

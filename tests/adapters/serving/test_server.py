@@ -10,7 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
-from serving_helpers import make_classifier, make_lora, make_prefix, reference_greedy, register
+from serving_helpers import (
+    fp32_4bit_reference,
+    make_classifier,
+    make_lora,
+    make_prefix,
+    reference_greedy,
+    register,
+)
 
 from adaptory.adapters.serving.runtime import GenerationRequest
 from adaptory.adapters.serving.server import ServerSettings, build_runtimes, create_app
@@ -334,7 +341,9 @@ def test_classify_truncates_long_texts_to_the_encoders_length(served, tiny_bert_
         > 128
         == base.model.config.max_position_embeddings
     )
-    model = PeftModel.from_pretrained(base.model, str(folders["sentiment"])).eval()
+    model = fp32_4bit_reference(
+        PeftModel.from_pretrained(base.model, str(folders["sentiment"])).eval()
+    )
     for text, got in zip(texts, r.json()["data"], strict=True):
         enc = base.tokenizer(text, truncation=True, max_length=128, return_tensors="pt")
         with torch.inference_mode():
