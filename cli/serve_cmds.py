@@ -37,7 +37,7 @@ def resolve_api_key(api_key: str | None, key_file: Path | None, *, warn=None) ->
         try:
             with open(key_file, encoding="utf-8") as f:
                 api_key = f.readline().removesuffix("\n").removesuffix("\r")
-            mode = os.stat(key_file).st_mode
+                mode = os.fstat(f.fileno()).st_mode
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise ConfigError(f"--api-key-file {key_file}: cannot read it ({reason})") from None

@@ -14,7 +14,7 @@ def keep_4bit_trainable(model) -> None:
 
     It is also the exact path: that kernel computes in bfloat16 (max |Δlogit| ~1e-2 on a small
     model), while training dequantizes and multiplies in the compute dtype, so a merge's
-    reference must not take it either. A layer already repacked (the model was run in eval
+    reference must not take it either, nor the server in `--numerics fp32`. A layer already repacked (the model was run in eval
     mode before) is unpacked again, so its `weight.data` dequantizes to the weights once more.
     """
     try:
